@@ -1,0 +1,75 @@
+"""The router contract shared by every routing rule.
+
+Shape suffixes used across routers/ and blocks/moe.py:
+    T tokens (batch * length, flattened), E experts, K slots per token (top-k).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Routing:
+    """What a router decides for a batch of T tokens.
+
+    expert_ids_TK: which expert each of a token's K slots goes to (int64).
+    weights_TK:    the gate weight applied to that expert's output when combining.
+    mask_TK:       False where a slot carries no token (expert-choice leaves slots empty,
+                   a capacity limit drops them); None means every slot is used.
+    probs_TE:      the router's probability over experts for each token, for utilization
+                   statistics (entropy, load); not used for the forward computation.
+    aux_losses:    named auxiliary losses, already multiplied by their coefficients.
+    """
+
+    expert_ids_TK: Tensor
+    weights_TK: Tensor
+    probs_TE: Tensor
+    mask_TK: Tensor | None = None
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Router(nn.Module, ABC):
+    """Base class: a routing rule over router logits. Holds no expert weights.
+
+    Subclasses implement `route(logits_TE) -> Routing`. `self.training` selects the
+    training rule; in eval mode (validation, generation) every router routes causally.
+    """
+
+    causal: bool = True  # False for rules where a token's routing depends on other tokens
+
+    def __init__(self, num_experts: int, top_k: int):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, experts={num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    @abstractmethod
+    def route(self, logits_TE: Tensor) -> Routing:
+        """Decide the expert slots and gate weights for each token."""
+
+    def forward(self, logits_TE: Tensor) -> Routing:
+        return self.route(logits_TE)
+
+
+def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, num_experts: int) -> Tensor:
+    """Switch Transformer load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
+
+    f_i is the fraction of routed slots sent to expert i, P_i the mean router probability of i.
+    Its minimum, 1, is reached by a uniform load.
+    """
+    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    f_E = counts_E / expert_ids_TK.numel()
+    P_E = probs_TE.mean(dim=0)
+    return num_experts * (f_E * P_E).sum()
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
