@@ -1,0 +1,1 @@
+"""Config composition, the LightningModule, data, tracking, checkpoints, generation and FLOPs accounting."""
