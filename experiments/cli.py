@@ -1,0 +1,98 @@
+"""Command-line front ends: turn argv into a config, report user errors in one line, no traceback."""
+from __future__ import annotations
+
+import sys
+
+from omegaconf import OmegaConf
+
+from experiments.checkpoint import CheckpointError
+from experiments.config import ConfigError, compose, help_text
+
+
+def main_train(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    show_cfg = "--cfg" in argv
+    argv = [a for a in argv if a != "--cfg"]
+    try:
+        cfg = compose(argv)
+        if show_cfg:
+            print(OmegaConf.to_yaml(cfg), end="")
+            return 0
+        from experiments.train import train  # imported late: --help and --cfg stay fast
+
+        train(cfg)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+GENERATE_HELP = """usage: python generate.py ckpt=<path|last> [prompt="def "] [max_tokens=256] [temperature=0.8]
+                          [top_k=0] [top_p=1.0] [seed=0] [device=auto] [out_dir=outputs]
+ckpt=last takes the best checkpoint of the newest run under out_dir. temperature=0 decodes greedily."""
+GENERATE_DEFAULTS = {"ckpt": None, "prompt": "def ", "max_tokens": 256, "temperature": 0.8, "top_k": 0,
+                     "top_p": 1.0, "seed": 0, "device": "auto", "out_dir": "outputs"}
+
+
+def _parse_generate_args(argv: list[str]) -> dict:
+    args = dict(GENERATE_DEFAULTS)
+    for token in argv:
+        key, sep, value = token.partition("=")
+        if not sep or key not in args:
+            raise ConfigError(f"bad argument '{token}'; valid keys: {', '.join(args)}")
+        default = GENERATE_DEFAULTS[key]
+        try:
+            args[key] = type(default)(value) if default is not None and key != "prompt" else value
+        except ValueError:
+            raise ConfigError(f"{key} must be a {type(default).__name__}, got '{value}'") from None
+    if not args["ckpt"]:
+        raise ConfigError("give a checkpoint: ckpt=<path> or ckpt=last")
+    if args["max_tokens"] < 1:
+        raise ConfigError("max_tokens must be >= 1")
+    return args
+
+
+def main_generate(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(GENERATE_HELP)
+        return 0
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from experiments.generation import generate, load_model
+    from experiments.tokenizers import build_tokenizer
+
+    try:
+        args = _parse_generate_args(argv)
+        ckpt = args["ckpt"]
+        if ckpt == "last":
+            found = sorted(Path(args["out_dir"]).glob("runs/*/checkpoints/best.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not found:
+                raise ConfigError(f"ckpt=last: no run with a checkpoint under {args['out_dir']}/runs")
+            ckpt = found[-1]
+        device = args["device"] if args["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, saved = load_model(ckpt, device)
+        tokenizer = build_tokenizer(_saved_tokenizer(saved))
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompt_ids = tokenizer.encode(args["prompt"]) or [0]
+    prompt = torch.tensor([prompt_ids], device=device)
+    gen = torch.Generator(device=device).manual_seed(args["seed"])
+    t0 = time.perf_counter()
+    out = generate(model, prompt, args["max_tokens"], args["temperature"], args["top_k"] or None, args["top_p"], gen)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    print(args["prompt"] + tokenizer.decode(out[0].tolist()))
+    print(f"\n[{args['max_tokens']} tokens in {dt:.2f} s: {args['max_tokens'] / dt:.1f} tokens/s on {device}]", file=sys.stderr)
+    return 0
+
+
+def _saved_tokenizer(saved: dict) -> str:
+    """The tokenizer name recorded in a checkpoint's run config."""
+    return OmegaConf.create(saved["run_config"]).data.tokenizer

@@ -1,0 +1,92 @@
+"""The LightningModule: next-token loss plus the routers' auxiliary losses, AdamW, warmup + cosine."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from blocks.accounting import account
+from blocks.moe import MoE
+from experiments.build import build_model
+
+LN2 = math.log(2)
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total` steps (and flat after)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LMModule(L.LightningModule):
+    """Trains `build_model(cfg)`; logs loss, bits per byte, learning rate, aux losses and expert load."""
+
+    def __init__(self, cfg: DictConfig, vocab_size: int, bytes_per_token: float | None = 1.0):
+        super().__init__()
+        self.cfg = cfg
+        self.bytes_per_token = bytes_per_token
+        self.model = build_model(cfg, vocab_size)
+        self.accounting = account(self.model, cfg.data.seq_len)
+        self.moe_layers = {f"layer{i}": block.mlp for i, block in enumerate(self.model.layers) if isinstance(getattr(block, "mlp", None), MoE)}
+
+    def log_bits(self, split: str, loss_nats: torch.Tensor, prog_bar: bool = False) -> None:
+        """Bits per byte, comparable across tokenizers; bits per token when the data cannot tell bytes."""
+        if self.bytes_per_token:
+            self.log(f"{split}/bpb", loss_nats / LN2 / self.bytes_per_token, prog_bar=prog_bar)
+        else:
+            self.log(f"{split}/bits_per_token", loss_nats / LN2, prog_bar=prog_bar)
+
+    def _lm_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x_BL, y_BL = batch
+        logits_BLV, aux = self.model(x_BL)
+        return F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten()), aux
+
+    def training_step(self, batch, batch_idx):
+        lm_loss, aux = self._lm_loss(batch)
+        loss = lm_loss + sum(aux.values()) if aux else lm_loss
+        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log_bits("train", lm_loss)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        for name, value in aux.items():
+            self.log(f"train/aux_{name}", value)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        lm_loss, _ = self._lm_loss(batch)
+        self.log("val/loss", lm_loss, prog_bar=True)
+        self.log_bits("val", lm_loss, prog_bar=True)
+
+    def on_validation_epoch_end(self):
+        """Log expert utilization gathered since the last validation, per MoE layer, then reset it."""
+        for name, moe in self.moe_layers.items():
+            stats = moe.utilization_stats()
+            for key, value in stats.items():
+                if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):
+                    self.log(f"moe/{name}/{key}", float(value))
+            moe.reset_utilization()
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # norms, biases and the SSM's A_log / D are not decayed (as in Mamba and GPT-style training)
+            skip = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
+            (no_decay if skip else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=self.device.type == "cuda")
+        total = self.cfg.trainer.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        # everything needed to rebuild the model without this process: plain types only (weights_only loads)
+        checkpoint["run_config"] = OmegaConf.to_yaml(self.cfg)
+        checkpoint["vocab_size"] = self.model.cfg.vocab_size
+        checkpoint["bytes_per_token"] = self.bytes_per_token

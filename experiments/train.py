@@ -1,0 +1,139 @@
+"""The training entry point that run.py (and sweeps) call: config in, trained run and metrics out."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, load_checkpoint
+from experiments.config import ConfigError
+from experiments.data import DataConfig, TokenDataModule
+from experiments.module import LMModule
+from experiments.throughput import Throughput
+from experiments.tracking import make_logger
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    metrics: dict[str, float]
+
+
+def _quiet() -> None:
+    """Silence start-up chatter that says nothing about this run."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
+                    ".*checkpoint.*iterable.*", ".*lightning-cloud.*", ".*litlogger.*", ".*Starting from v1.9.0.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def runs_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.out_dir) / "runs"
+
+
+def find_resume(cfg: DictConfig) -> Path:
+    """The run directory that `resume=` names: 'last' (or true) is the run with the newest last.ckpt."""
+    root = runs_dir(cfg)
+    if str(cfg.resume).lower() in ("last", "true"):
+        ckpts = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not ckpts:
+            raise ValueError(f"resume={cfg.resume}: no run with a checkpoint under {root}")
+        return ckpts[-1].parent.parent
+    run_dir = root / str(cfg.resume)
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        known = ", ".join(p.parent.parent.name for p in root.glob("*/checkpoints/last.ckpt")) or "none"
+        raise ValueError(f"resume={cfg.resume}: no checkpoint at {run_dir}/checkpoints/last.ckpt (runs with checkpoints: {known})")
+    return run_dir
+
+
+def _precision(cfg: DictConfig, accelerator: str) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    return "bf16-mixed" if accelerator == "cuda" else "32-true"
+
+
+def train(cfg: DictConfig) -> RunResult:
+    """Train the model `cfg` describes, tracked in MLflow; resume if cfg.resume is set.
+
+    Every check of the config, data and checkpoint happens before the first step, and a problem
+    found there is raised as ConfigError (or CheckpointError) with a message for the user.
+    """
+    _quiet()
+    L.seed_everything(cfg.seed, verbose=False)
+    try:
+        resume_dir = find_resume(cfg) if cfg.resume else None
+        last_ckpt = resume_dir / "checkpoints" / "last.ckpt" if resume_dir else None
+        start_step = load_checkpoint(last_ckpt)["global_step"] if last_ckpt else 0
+        data = TokenDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)))
+        data.setup("fit")  # fail on bad data now, before building anything else
+        module = LMModule(cfg, data.vocab_size, data.bytes_per_token)
+    except CheckpointError:
+        raise
+    except (ValueError, ImportError) as e:  # bad config or data, or a missing optional package
+        raise ConfigError(str(e)) from None
+    accumulate = cfg.trainer.accumulate_grad_batches
+    data.set_start_batch(start_step * accumulate)
+
+    accelerator = "cuda" if cfg.trainer.accelerator == "auto" and torch.cuda.is_available() else cfg.trainer.accelerator
+    accelerator = "cpu" if accelerator == "auto" else accelerator
+    logger = make_logger(cfg, run_id=resume_dir.name if resume_dir else None)
+    run_id = logger.run_id
+    run_dir = runs_dir(cfg) / run_id
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    client = logger.experiment
+    if not resume_dir:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        acc = module.accounting
+        for key, value in (("params_total", acc.total_params), ("params_active", acc.active_params),
+                           ("train_flops_per_token", acc.train_flops_per_token)):
+            client.log_param(run_id, key, value)
+    client.log_artifact(run_id, str(run_dir / "config.yaml"))
+    client.set_tag(run_id, "checkpoint_dir", str(ckpt_dir.resolve()))
+    client.set_tag(run_id, "data", data.describe())
+
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulate
+    callbacks = [
+        RunCheckpoints(ckpt_dir, cfg.trainer.stop_at_step),
+        Throughput(tokens_per_step, module.accounting.train_flops_per_token, cfg.trainer.log_every),
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every // 2)))
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=cfg.trainer.devices,
+        precision=_precision(cfg, accelerator),
+        max_steps=cfg.trainer.max_steps,
+        val_check_interval=cfg.trainer.val_every * accumulate,
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.data.val_batches,
+        num_sanity_val_steps=0,
+        gradient_clip_val=cfg.trainer.grad_clip or None,
+        accumulate_grad_batches=accumulate,
+        log_every_n_steps=cfg.trainer.log_every,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.progress_bar,
+    )
+    print(f"run {run_id}: {module.accounting.summary()}")
+    print(f"data: {data.describe()}")
+    if cfg.trainer.compile:
+        module.model = torch.compile(module.model)
+    trainer.fit(module, datamodule=data, ckpt_path=last_ckpt, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    print(f"run {run_id} done at step {trainer.global_step}: " + ", ".join(
+        f"{k} {metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/bpb") if k in metrics))
+    print(f"checkpoints: {ckpt_dir}")
+    return RunResult(run_id, run_dir, metrics)
