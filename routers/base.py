@@ -58,13 +58,23 @@ class Router(nn.Module, ABC):
         return self.route(logits_TE)
 
 
+def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """Number of entries of `expert_ids` equal to each of 0..num_experts-1 (int64).
+
+    Unlike torch.bincount, which reads the maximum id back to the host on CUDA, a scatter-add keeps the
+    count on the device, so routing and the MoE layer never synchronise with the host.
+    """
+    ids = expert_ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, num_experts: int) -> Tensor:
     """Switch Transformer load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
 
     f_i is the fraction of routed slots sent to expert i, P_i the mean router probability of i.
     Its minimum, 1, is reached by a uniform load.
     """
-    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    counts_E = count_per_expert(expert_ids_TK, num_experts).to(probs_TE.dtype)
     f_E = counts_E / expert_ids_TK.numel()
     P_E = probs_TE.mean(dim=0)
     return num_experts * (f_E * P_E).sum()

@@ -1,0 +1,239 @@
+"""Mixture-of-experts MLP layer: a router over E gated-MLP experts, computed grouped by expert.
+
+Shapes: B batch, L length, D model width, T = B*L tokens, E experts, K slots per token,
+F expert hidden width, S = T*K slots (flattened).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blocks.mlp import MLP, glu_activation
+from routers import Routing, build_router, count_per_expert
+
+
+@dataclass
+class MoEConfig:
+    """num_experts, top_k: E experts, K of them per token (expert-choice routing uses K = E slots).
+    ffn_dim: expert hidden width F (None: the model's ffn_dim). activation: swiglu | geglu.
+    capacity_factor: None = dropless; else, in training, each expert takes at most
+        ceil(capacity_factor * T * top_k / E) slots, first come in token order; the rest are dropped
+        (the token keeps only its residual). Eval is always dropless, so that validation and
+        token-by-token generation compute the same function.
+    shared_ffn_dim: width of a dense always-on MLP added to the expert output (0 = none).
+    router, router_cfg: a name in routers.ROUTERS and overrides of its config dataclass."""
+
+    num_experts: int = 8
+    top_k: int = 1
+    ffn_dim: int | None = None
+    activation: str = "swiglu"
+    capacity_factor: float | None = None
+    shared_ffn_dim: int = 0
+    router: str = "sinkhorn"
+    router_cfg: dict | None = None
+
+
+def apply_capacity(expert_ids_TK: Tensor, mask_TK: Tensor | None, num_experts: int, capacity: int) -> Tensor:
+    """Keep-mask after a capacity limit: slot (t, k) survives if fewer than `capacity` active slots went
+    to its expert before it in (token, slot) order. Sort-based, so no host synchronisation."""
+    T, K = expert_ids_TK.shape
+    ids_S = expert_ids_TK.reshape(-1)
+    active_S = mask_TK.reshape(-1) if mask_TK is not None else torch.ones_like(ids_S, dtype=torch.bool)
+    ids_S = torch.where(active_S, ids_S, num_experts)
+    order_S = torch.argsort(ids_S, stable=True)
+    counts = count_per_expert(ids_S, num_experts + 1)
+    starts = counts.cumsum(0) - counts
+    rank_sorted_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts[ids_S[order_S]]
+    rank_S = torch.empty_like(rank_sorted_S).scatter_(0, order_S, rank_sorted_S)
+    return (active_S & (rank_S < capacity)).view(T, K)
+
+
+def _can_use_grouped_mm(x_SD: Tensor, w_in: Tensor) -> bool:
+    # torch._grouped_mm wants bf16 on a Hopper-class GPU and 16-byte aligned rows (D, F multiples of 8).
+    D, F2 = w_in.shape[1:]
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x_SD.is_cuda
+        and x_SD.dtype == torch.bfloat16
+        and D % 8 == 0
+        and F2 % 16 == 0
+        and torch.cuda.get_device_capability(x_SD.device) >= (9, 0)
+    )
+
+
+def moe_experts_ref(
+    x_TD: Tensor,
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    mask_TK: Tensor | None,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+    *,
+    grouped_mm: bool | None = None,
+) -> Tensor:
+    """y[t] = sum over active slots k of weights[t, k] * expert_{ids[t, k]}(x[t]), expert_e(x) =
+    glu(x @ w_in[e]) @ w_out[e]; masked slots contribute nothing. Pure PyTorch reference for fused kernels.
+
+    Slots are sorted by expert (stable, so token order within an expert), counted per expert, and each
+    projection runs as one grouped GEMM over contiguous row groups: torch._grouped_mm with int32 end
+    offsets (`grouped_mm=None` picks it on CUDA in bf16), else a loop over the experts' slices.
+    Masked slots are sorted past the last group; their rows are zeroed before and after the GEMMs so that
+    the uninitialised rows _grouped_mm leaves there reach neither the output nor any gradient.
+    Results are combined per token in fp32 with index_add_ and returned in x_TD's dtype.
+    """
+    T, D = x_TD.shape
+    K = expert_ids_TK.shape[1]
+    E, F2 = w_in.shape[0], w_in.shape[2]
+    assert w_in.shape == (E, D, F2) and w_out.shape == (E, F2 // 2, D), (w_in.shape, w_out.shape)
+    assert expert_ids_TK.shape == weights_TK.shape == (T, K)
+    act = glu_activation(activation)
+
+    ids_S = expert_ids_TK.reshape(-1)
+    if mask_TK is not None:
+        ids_S = torch.where(mask_TK.reshape(-1), ids_S, E)  # sentinel E sorts after every expert
+    order_S = torch.argsort(ids_S, stable=True)
+    ids_S = ids_S[order_S]
+    token_S = order_S // K
+    ends_E = count_per_expert(ids_S, E + 1)[:E].cumsum(0)
+    keep_S1 = (ids_S < E)[:, None]
+
+    device_type = x_TD.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_TD.dtype
+    x_SD = torch.where(keep_S1, x_TD[token_S], 0).to(dtype)
+    w_in, w_out = w_in.to(dtype), w_out.to(dtype)
+    if grouped_mm is None:
+        grouped_mm = _can_use_grouped_mm(x_SD, w_in)
+    if grouped_mm:
+        offs_E = ends_E.to(torch.int32)
+        h_SF2 = torch._grouped_mm(x_SD, w_in, offs=offs_E)
+        y_SD = torch._grouped_mm(act(h_SF2), w_out, offs=offs_E)
+    else:
+        pieces, start = [], 0
+        for e, end in enumerate(ends_E.tolist()):
+            if end > start:
+                pieces.append(act(x_SD[start:end] @ w_in[e]) @ w_out[e])
+            start = end
+        pieces.append(x_SD.new_zeros(x_SD.shape[0] - start, D))
+        y_SD = torch.cat(pieces)
+    y_SD = torch.where(keep_S1, y_SD, 0).float()
+    w_S1 = weights_TK.reshape(-1)[order_S].float()[:, None]
+    out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
+    return out_TD.index_add_(0, token_S, y_SD * w_S1).to(x_TD.dtype)
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts MLP (BlackMamba's MoE block): y = sum_k g_k(x) * expert_{e_k}(x) [+ shared(x)].
+
+    gate: Linear(D, E) with bias giving the router logits (computed in fp32); router: the routing rule
+    (no weights); w_in (E, D, 2F), w_out (E, F, D): the experts' fused GLU projections, no biases;
+    shared: optional dense MLP. Parameters: D*E + E + E*3*D*F (+ 3*D*shared_ffn_dim).
+
+    forward returns (y_BLD, aux_losses) where aux_losses are the router's, already weighted.
+    Utilization counters (non-persistent buffers, updated in training only, under no_grad):
+    tokens_per_expert (slots each expert processed), dropped_tokens (slots dropped by the capacity
+    limit), routed_slots (slots the router assigned), router_entropy_sum (sum over tokens of the
+    router's entropy / log E), num_tokens. Read them with utilization_stats(), clear with reset_utilization().
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, ffn_dim: int):
+        super().__init__()
+        ffn = cfg.ffn_dim if cfg.ffn_dim is not None else ffn_dim
+        E = cfg.num_experts
+        if E < 1:
+            raise ValueError(f"num_experts must be >= 1, got {E}")
+        if not 1 <= cfg.top_k <= E:
+            raise ValueError(f"top_k must be in [1, num_experts={E}], got {cfg.top_k}")
+        if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {cfg.capacity_factor}")
+        if d_model < 1 or ffn < 1:
+            raise ValueError(f"d_model and ffn_dim must be >= 1, got d_model={d_model}, ffn_dim={ffn}")
+        if cfg.shared_ffn_dim < 0:
+            raise ValueError(f"shared_ffn_dim must be >= 0 (0 = no shared expert), got {cfg.shared_ffn_dim}")
+        glu_activation(cfg.activation)  # raises ValueError listing the valid activations
+
+        self.cfg = cfg
+        self.num_experts = E
+        self.top_k = cfg.top_k
+        self.ffn_dim = ffn
+        self.gate = nn.Linear(d_model, E, bias=True)
+        self.router = build_router(cfg.router, E, cfg.top_k, cfg.router_cfg)
+        self.w_in = nn.Parameter(torch.empty(E, d_model, 2 * ffn))
+        self.w_out = nn.Parameter(torch.empty(E, ffn, d_model))
+        self.shared = MLP(d_model, cfg.shared_ffn_dim, cfg.activation) if cfg.shared_ffn_dim > 0 else None
+
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
+        self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("routed_slots", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("num_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("router_entropy_sum", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Experts as nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for each projection."""
+        nn.init.uniform_(self.w_in, -self.w_in.shape[1] ** -0.5, self.w_in.shape[1] ** -0.5)
+        nn.init.uniform_(self.w_out, -self.w_out.shape[1] ** -0.5, self.w_out.shape[1] ** -0.5)
+
+    def forward(self, x_BLD: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float(), self.gate.bias.float())
+        routing = self.router(logits_TE)
+        mask_TK = routing.mask_TK
+        if self.training and self.cfg.capacity_factor is not None:
+            capacity = math.ceil(self.cfg.capacity_factor * B * L * self.top_k / self.num_experts)
+            mask_TK = apply_capacity(routing.expert_ids_TK, routing.mask_TK, self.num_experts, capacity)
+        y_TD = moe_experts_ref(
+            x_TD, routing.expert_ids_TK, routing.weights_TK, mask_TK, self.w_in, self.w_out, self.cfg.activation
+        )
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        if self.training:
+            self._update_utilization(routing, mask_TK)
+        return y_TD.view(B, L, D), routing.aux_losses
+
+    @torch.no_grad()
+    def _update_utilization(self, routing: Routing, kept_TK: Tensor | None) -> None:
+        E = self.num_experts
+        ids_S = routing.expert_ids_TK.reshape(-1)
+        if kept_TK is not None:
+            ids_S = torch.where(kept_TK.reshape(-1), ids_S, E)
+        self.tokens_per_expert += count_per_expert(ids_S, E + 1)[:E]
+        routed = routing.mask_TK.sum() if routing.mask_TK is not None else ids_S.numel()
+        self.routed_slots += routed
+        self.dropped_tokens += routed - (ids_S < E).sum()
+        self.num_tokens += routing.probs_TE.shape[0]
+        if E > 1:
+            probs_TE = routing.probs_TE.float()
+            entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1)
+            self.router_entropy_sum += entropy_T.sum() / math.log(E)
+
+    def utilization_stats(self) -> dict[str, float | int | list[int]]:
+        """Load and routing statistics since the last reset (nan where no token was seen).
+
+        load_cv: std / mean of tokens_per_expert; max_over_mean_load: the busiest expert's load over the
+        mean; drop_rate: dropped / routed slots; router_entropy: mean normalised router entropy in [0, 1]."""
+        counts = self.tokens_per_expert.float()
+        mean = counts.mean().item()
+        routed = self.routed_slots.item()
+        num_tokens = self.num_tokens.item()
+        nan = float("nan")
+        return {
+            "tokens_per_expert": self.tokens_per_expert.tolist(),
+            "load_cv": counts.std(correction=0).item() / mean if mean > 0 else nan,
+            "max_over_mean_load": counts.max().item() / mean if mean > 0 else nan,
+            "drop_rate": self.dropped_tokens.item() / routed if routed > 0 else nan,
+            "router_entropy": self.router_entropy_sum.item() / num_tokens if num_tokens > 0 else nan,
+            "num_tokens": num_tokens,
+        }
+
+    def reset_utilization(self) -> None:
+        counters = (self.tokens_per_expert, self.dropped_tokens, self.routed_slots, self.num_tokens,
+                    self.router_entropy_sum)
+        for buf in counters:
+            buf.zero_()
