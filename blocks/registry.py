@@ -24,6 +24,8 @@ def make_config(cls: type, values: Any, kind: str) -> Any:
         return cls()
     if isinstance(values, cls):
         return values
+    if dataclasses.is_dataclass(values) or not hasattr(values, "keys"):
+        raise ValueError(f"{kind} takes a {cls.__name__} or a dict, got {type(values).__name__}")
     names = [f.name for f in dataclasses.fields(cls)]
     values = dict(values)
     for key in values:

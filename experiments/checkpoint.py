@@ -26,7 +26,7 @@ def save_atomic(trainer: L.Trainer, path: Path) -> None:
     """Write trainer state to `path` so that a crash mid-write leaves the previous file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)
     os.replace(tmp, path)
 
 

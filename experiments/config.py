@@ -189,10 +189,10 @@ def compose(argv: list[str] | None = None) -> DictConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     cfg.moe = OmegaConf.structured(MoENode)
+    _merge(cfg, base, "conf/config.yaml")
     for group in NODE_GROUPS:
         if group in files:
             _merge(cfg, OmegaConf.create({group: files[group]}), f"conf/{group}/{defaults[group]}.yaml")
-    _merge(cfg, base, "conf/config.yaml")
     if "model" in files:
         _merge(cfg, files["model"], f"conf/model/{defaults['model']}.yaml")
     if experiment is not None:

@@ -34,12 +34,12 @@ class LMModule(L.LightningModule):
         self.accounting = account(self.model, cfg.data.seq_len)
         self.moe_layers = {f"layer{i}": block.mlp for i, block in enumerate(self.model.layers) if isinstance(getattr(block, "mlp", None), MoE)}
 
-    def log_bits(self, split: str, loss_nats: torch.Tensor, prog_bar: bool = False) -> None:
+    def log_bits(self, split: str, loss_nats: torch.Tensor, **kwargs) -> None:
         """Bits per byte, comparable across tokenizers; bits per token when the data cannot tell bytes."""
         if self.bytes_per_token:
-            self.log(f"{split}/bpb", loss_nats / LN2 / self.bytes_per_token, prog_bar=prog_bar)
+            self.log(f"{split}/bpb", loss_nats / LN2 / self.bytes_per_token, **kwargs)
         else:
-            self.log(f"{split}/bits_per_token", loss_nats / LN2, prog_bar=prog_bar)
+            self.log(f"{split}/bits_per_token", loss_nats / LN2, **kwargs)
 
     def _lm_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x_BL, y_BL = batch
@@ -58,10 +58,12 @@ class LMModule(L.LightningModule):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
         return loss
 
+    # Validation metrics go to the logger from experiments.progress.ValidationReport at step = global_step
+    # (logger=False here), so a resumed run continues one consistent metric history.
     def validation_step(self, batch, batch_idx):
         lm_loss, _ = self._lm_loss(batch)
-        self.log("val/loss", lm_loss, prog_bar=True)
-        self.log_bits("val", lm_loss, prog_bar=True)
+        self.log("val/loss", lm_loss, prog_bar=True, logger=False)
+        self.log_bits("val", lm_loss, prog_bar=True, logger=False)
 
     def on_validation_epoch_end(self):
         """Log expert utilization gathered since the last validation, per MoE layer, then reset it."""
@@ -69,7 +71,7 @@ class LMModule(L.LightningModule):
             stats = moe.utilization_stats()
             for key, value in stats.items():
                 if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):
-                    self.log(f"moe/{name}/{key}", float(value))
+                    self.log(f"moe/{name}/{key}", float(value), logger=False)
             moe.reset_utilization()
 
     def configure_optimizers(self):

@@ -53,3 +53,6 @@ class Throughput(Callback):
                 pl_module.log("train/tokens_per_s", tps, prog_bar=True)
                 pl_module.log("train/mfu", tps * self.flops_per_token / self.peak)
             self._t0, self._step0 = now, step
+
+    def on_validation_end(self, trainer, pl_module):
+        self._t0 = None  # time spent validating is not training throughput: start a new window

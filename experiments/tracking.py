@@ -37,7 +37,7 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
     artifacts = None
     if uri.startswith("sqlite:"):
         artifacts = (Path(cfg.out_dir).resolve() / "mlartifacts").as_uri()
-    return MLFlowLogger(
+    logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.tracking.run_name,
         tracking_uri=uri,
@@ -45,3 +45,12 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
         run_id=run_id,
         tags={"git_commit": git_commit(), "mixer": cfg.mixer.name, "router": cfg.router.name},
     )
+    # mlflow.set_tracking_uri (called when the run starts) also sets $MLFLOW_TRACKING_URI; undo that so a
+    # later run in this process (a sweep trial, a test) resolves its own store instead of inheriting ours
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    _ = logger.experiment
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    return logger

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, load_checkpoint
 from experiments.config import ConfigError
 from experiments.data import DataConfig, TokenDataModule
 from experiments.module import LMModule
+from experiments.progress import TrainBar, ValidationReport
 from experiments.throughput import Throughput
 from experiments.tracking import make_logger
 
@@ -29,11 +29,23 @@ class RunResult:
 
 def _quiet() -> None:
     """Silence start-up chatter that says nothing about this run."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric",
+                 "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
                     ".*checkpoint.*iterable.*", ".*lightning-cloud.*", ".*litlogger.*", ".*Starting from v1.9.0.*"):
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'model': {'d_model': 128}} -> {'model.d_model': 128}: the same keys the command line uses."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def runs_dir(cfg: DictConfig) -> Path:
@@ -93,7 +105,7 @@ def train(cfg: DictConfig) -> RunResult:
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     client = logger.experiment
     if not resume_dir:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
         acc = module.accounting
         for key, value in (("params_total", acc.total_params), ("params_active", acc.active_params),
                            ("train_flops_per_token", acc.train_flops_per_token)):
@@ -106,9 +118,10 @@ def train(cfg: DictConfig) -> RunResult:
     callbacks = [
         RunCheckpoints(ckpt_dir, cfg.trainer.stop_at_step),
         Throughput(tokens_per_step, module.accounting.train_flops_per_token, cfg.trainer.log_every),
+        ValidationReport(),
     ]
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.trainer.log_every // 2)))
+        callbacks.append(TrainBar(refresh_rate=max(1, cfg.trainer.log_every // 2)))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=cfg.trainer.devices,

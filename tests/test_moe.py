@@ -232,7 +232,7 @@ def test_bf16_input_keeps_dtype_and_is_close_to_fp32():
         ({"capacity_factor": 0.0}, "capacity_factor"),
         ({"capacity_factor": -1.0}, "capacity_factor"),
         ({"activation": "relu"}, "swiglu, geglu"),
-        ({"router": "hash"}, "top1, topk, sinkhorn, expert_choice"),
+        ({"router": "hash"}, "expert_choice, sinkhorn, top1, topk"),
         ({"router": "sinkhorn", "router_cfg": {"temp": 1.0}}, "temperature"),
         ({"router": "top1", "top_k": 2}, "router=topk"),
         ({"shared_ffn_dim": -1}, "shared_ffn_dim"),
