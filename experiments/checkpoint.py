@@ -30,6 +30,21 @@ def save_atomic(trainer: L.Trainer, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def find_run_dir(out_dir: str | Path, resume: str) -> Path:
+    """The run directory that `resume=` names: 'last' (or true) is the run with the newest last.ckpt."""
+    root = Path(out_dir) / "runs"
+    if str(resume).lower() in ("last", "true"):
+        ckpts = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not ckpts:
+            raise CheckpointError(f"resume={resume}: no run with a checkpoint under {root}")
+        return ckpts[-1].parent.parent
+    run_dir = root / str(resume)
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        known = ", ".join(p.parent.parent.name for p in root.glob("*/checkpoints/last.ckpt")) or "none"
+        raise CheckpointError(f"resume={resume}: no checkpoint at {run_dir}/checkpoints/last.ckpt (runs with checkpoints: {known})")
+    return run_dir
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True, turning every failure into a message that names the file."""
     path = Path(path)

@@ -23,6 +23,7 @@ from blocks import MIXERS
 from blocks.model import ModelConfig
 from blocks.moe import MoEConfig
 from blocks.registry import lookup
+from experiments.checkpoint import find_run_dir
 from experiments.data import DataConfig
 from routers import ROUTERS
 
@@ -197,11 +198,33 @@ def compose(argv: list[str] | None = None) -> DictConfig:
         _merge(cfg, files["model"], f"conf/model/{defaults['model']}.yaml")
     if experiment is not None:
         _merge(cfg, experiment, "experiment file")
+    _apply_dotted(cfg, dotted)
+    if cfg.resume:
+        cfg = _resumed(cfg, picks, dotted)
+    return cfg
+
+
+def _apply_dotted(cfg: DictConfig, dotted: list[tuple[str, str]]) -> None:
     for key, raw in dotted:
         if key.split(".")[0] in ("mixer", "router") and key.endswith(".name"):
             raise ConfigError(f"pick a {key.split('.')[0]} with {key.split('.')[0]}=<name>, not {key}")
         _merge(cfg, OmegaConf.from_dotlist([f"{key}={raw}"]), "command line")
-    return cfg
+
+
+def _resumed(cfg: DictConfig, picks: dict[str, str], dotted: list[tuple[str, str]]) -> DictConfig:
+    """A resumed run continues its saved config; only dotted overrides (e.g. trainer.max_steps) apply on top."""
+    run_dir = find_run_dir(cfg.out_dir, cfg.resume)
+    if picks:
+        raise ConfigError(f"resume continues a run with its saved config; drop the group picks {', '.join(picks)}")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    resumed = OmegaConf.structured(RunConfig)
+    resumed.mixer = _named_node(MIXERS, saved.mixer.name, "mixer")
+    resumed.router = _named_node(ROUTERS, saved.router.name, "router")
+    resumed.moe = OmegaConf.structured(MoENode)
+    _merge(resumed, saved, f"{run_dir}/config.yaml")
+    _apply_dotted(resumed, dotted)
+    resumed.resume = run_dir.name
+    return resumed
 
 
 def help_text() -> str:

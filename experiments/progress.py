@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class TrainBar(TQDMProgressBar):
     """Lightning's bar without the per-validation bars (validation prints one line instead) or v_num."""
 
     def init_validation_tqdm(self):
-        bar = super().init_validation_tqdm()
-        bar.disable = True
-        return bar
+        return Tqdm(disable=True)
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, load_checkpoint
+from experiments.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, find_run_dir, load_checkpoint
 from experiments.config import ConfigError
 from experiments.data import DataConfig, TokenDataModule
 from experiments.module import LMModule
@@ -29,8 +29,10 @@ class RunResult:
 
 def _quiet() -> None:
     """Silence start-up chatter that says nothing about this run."""
+    import mlflow  # noqa: F401  (configures its loggers on import; quiet them after)
+
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric",
-                 "mlflow", "alembic"):
+                 "mlflow", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
                     ".*checkpoint.*iterable.*", ".*lightning-cloud.*", ".*litlogger.*", ".*Starting from v1.9.0.*"):
@@ -48,25 +50,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def runs_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.out_dir) / "runs"
-
-
-def find_resume(cfg: DictConfig) -> Path:
-    """The run directory that `resume=` names: 'last' (or true) is the run with the newest last.ckpt."""
-    root = runs_dir(cfg)
-    if str(cfg.resume).lower() in ("last", "true"):
-        ckpts = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not ckpts:
-            raise ValueError(f"resume={cfg.resume}: no run with a checkpoint under {root}")
-        return ckpts[-1].parent.parent
-    run_dir = root / str(cfg.resume)
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        known = ", ".join(p.parent.parent.name for p in root.glob("*/checkpoints/last.ckpt")) or "none"
-        raise ValueError(f"resume={cfg.resume}: no checkpoint at {run_dir}/checkpoints/last.ckpt (runs with checkpoints: {known})")
-    return run_dir
-
-
 def _precision(cfg: DictConfig, accelerator: str) -> str:
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
@@ -82,7 +65,7 @@ def train(cfg: DictConfig) -> RunResult:
     _quiet()
     L.seed_everything(cfg.seed, verbose=False)
     try:
-        resume_dir = find_resume(cfg) if cfg.resume else None
+        resume_dir = find_run_dir(cfg.out_dir, cfg.resume) if cfg.resume else None
         last_ckpt = resume_dir / "checkpoints" / "last.ckpt" if resume_dir else None
         start_step = load_checkpoint(last_ckpt)["global_step"] if last_ckpt else 0
         data = TokenDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)))
@@ -99,7 +82,7 @@ def train(cfg: DictConfig) -> RunResult:
     accelerator = "cpu" if accelerator == "auto" else accelerator
     logger = make_logger(cfg, run_id=resume_dir.name if resume_dir else None)
     run_id = logger.run_id
-    run_dir = runs_dir(cfg) / run_id
+    run_dir = Path(cfg.out_dir) / "runs" / run_id
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))

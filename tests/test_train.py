@@ -60,7 +60,9 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tiny, tmp_path):
     whole = train(compose(tiny("trainer.max_steps=8", "trainer.val_every=2", "out_dir=" + str(tmp_path / "a"))))
     part = train(compose(tiny("trainer.max_steps=8", "trainer.val_every=2", "trainer.stop_at_step=4", "out_dir=" + str(tmp_path / "b"))))
     assert torch.load(part.run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    resumed = train(compose(tiny("trainer.max_steps=8", "trainer.val_every=2", "out_dir=" + str(tmp_path / "b"), f"resume={part.run_id}")))
+    # the resumed run takes its saved config; the command line only lifts the early stop
+    resumed = train(compose(["out_dir=" + str(tmp_path / "b"), f"resume={part.run_id}", "trainer.stop_at_step=null"]))
+    assert resumed.run_dir == part.run_dir
     assert resumed.run_id == part.run_id, "resume continues the same MLflow run"
     a, b = final_weights(whole.run_dir), final_weights(resumed.run_dir)
     for key in a:
@@ -122,6 +124,15 @@ def test_missing_and_corrupt_checkpoints_are_reported(tmp_path, capsys):
     assert main_generate([f"ckpt={bad}"]) == 2
     err = capsys.readouterr().err
     assert "corrupt" in err and str(bad) in err
+
+
+def test_resume_refuses_group_picks_and_unknown_runs(tiny, tmp_path):
+    part = train(compose(tiny("trainer.stop_at_step=2")))
+    with pytest.raises(ValueError, match="drop the group picks"):
+        compose([f"out_dir={tmp_path}", "resume=last", "mixer=attention"])
+    assert compose([f"out_dir={tmp_path}", "resume=true"]).resume == part.run_id
+    with pytest.raises(ValueError, match=f"runs with checkpoints: {part.run_id}"):
+        compose([f"out_dir={tmp_path}", "resume=nope"])
 
 
 def test_run_py_runs_as_a_script(tmp_path):
