@@ -54,5 +54,13 @@ class Throughput(Callback):
                 pl_module.log("train/mfu", tps * self.flops_per_token / self.peak)
             self._t0, self._step0 = now, step
 
+    def on_train_end(self, trainer, pl_module):
+        # the totals a scaling analysis needs: tokens seen and training FLOPs spent (from blocks.accounting)
+        if trainer.logger is not None:
+            tokens = trainer.global_step * self.tokens_per_step
+            trainer.logger.log_metrics(
+                {"train/tokens_total": tokens, "train/flops_total": tokens * self.flops_per_token}, step=trainer.global_step
+            )
+
     def on_validation_end(self, trainer, pl_module):
         self._t0 = None  # time spent validating is not training throughput: start a new window

@@ -31,7 +31,17 @@ def git_commit() -> str:
         return "unknown"
 
 
-def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
+FAMILIES = {("mamba", "moe"): "blackmamba", ("mamba", "mlp"): "mamba", ("attention", "mlp"): "transformer",
+            ("attention", "moe"): "transformer_moe"}
+
+
+def model_family(cfg: DictConfig) -> str:
+    """blackmamba, mamba, transformer, transformer_moe (as scaling plots group runs), or '<mixer>_<mlp>'."""
+    mlp = cfg.model.mlp if cfg.model.pattern is None else ("moe" if "moe" in cfg.model.pattern else "mlp")
+    return FAMILIES.get((cfg.mixer.name, mlp), f"{cfg.mixer.name}_{mlp}")
+
+
+def make_logger(cfg: DictConfig, run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> MLFlowLogger:
     """An MLflow logger for a new run, or for continuing `run_id`. Artifacts go beside the SQLite store."""
     uri = tracking_uri(cfg)
     artifacts = None
@@ -43,7 +53,8 @@ def make_logger(cfg: DictConfig, run_id: str | None = None) -> MLFlowLogger:
         tracking_uri=uri,
         artifact_location=artifacts,
         run_id=run_id,
-        tags={"git_commit": git_commit(), "mixer": cfg.mixer.name, "router": cfg.router.name},
+        tags={"git_commit": git_commit(), "mixer": cfg.mixer.name, "router": cfg.router.name,
+              "family": model_family(cfg), **(extra_tags or {})},
     )
     # mlflow.set_tracking_uri (called when the run starts) also sets $MLFLOW_TRACKING_URI; undo that so a
     # later run in this process (a sweep trial, a test) resolves its own store instead of inheriting ours

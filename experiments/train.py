@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, find_run_dir, load_checkpoint
@@ -56,8 +58,11 @@ def _precision(cfg: DictConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator == "cuda" else "32-true"
 
 
-def train(cfg: DictConfig) -> RunResult:
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, str] | None = None) -> RunResult:
     """Train the model `cfg` describes, tracked in MLflow; resume if cfg.resume is set.
+
+    `callbacks` are added to the trainer (a sweep adds its pruning reporter); `tags` to the MLflow run
+    (a sweep sets mlflow.parentRunId to nest the trial under its study's run).
 
     Every check of the config, data and checkpoint happens before the first step, and a problem
     found there is raised as ConfigError (or CheckpointError) with a message for the user.
@@ -80,7 +85,7 @@ def train(cfg: DictConfig) -> RunResult:
 
     accelerator = "cuda" if cfg.trainer.accelerator == "auto" and torch.cuda.is_available() else cfg.trainer.accelerator
     accelerator = "cpu" if accelerator == "auto" else accelerator
-    logger = make_logger(cfg, run_id=resume_dir.name if resume_dir else None)
+    logger = make_logger(cfg, run_id=resume_dir.name if resume_dir else None, extra_tags=tags)
     run_id = logger.run_id
     run_dir = Path(cfg.out_dir) / "runs" / run_id
     ckpt_dir = run_dir / "checkpoints"
@@ -99,6 +104,7 @@ def train(cfg: DictConfig) -> RunResult:
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulate
     callbacks = [
+        *callbacks,
         RunCheckpoints(ckpt_dir, cfg.trainer.stop_at_step),
         Throughput(tokens_per_step, module.accounting.train_flops_per_token, cfg.trainer.log_every),
         ValidationReport(),

@@ -28,7 +28,8 @@ def test_run_is_tracked_in_mlflow_with_checkpoints(tiny, tmp_path):
     for key in ("train/loss", "val/loss", "val/bpb", "train/lr", "train/tokens_per_s", "train/mfu"):
         assert key in run.data.metrics, key
     assert any(k.startswith("moe/layer1/") for k in run.data.metrics)
-    assert len(run.data.tags["git_commit"]) >= 7
+    assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["family"] == "blackmamba"
+    assert run.data.metrics["train/tokens_total"] == 6 * 4 * 32
     ckpt_dir = Path(run.data.tags["checkpoint_dir"])
     assert (ckpt_dir / "last.ckpt").is_file() and (ckpt_dir / "best.ckpt").is_file()
     artifacts = [a.path for a in client_for(tmp_path).list_artifacts(result.run_id)]
