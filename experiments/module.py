@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from blocks.accounting import account
-from blocks.moe import MoE
 from experiments.build import build_model
+from experiments.utilization import moe_layers, record_routing, save_snapshot, snapshot_arrays, snapshot_path
 
 LN2 = math.log(2)
 
@@ -32,7 +33,10 @@ class LMModule(L.LightningModule):
         self.bytes_per_token = bytes_per_token
         self.model = build_model(cfg, vocab_size)
         self.accounting = account(self.model, cfg.data.seq_len)
-        self.moe_layers = {f"layer{i}": block.mlp for i, block in enumerate(self.model.layers) if isinstance(getattr(block, "mlp", None), MoE)}
+        self.moe_layers = moe_layers(self.model)
+        for moe in self.moe_layers.values():
+            moe.track_tokens(vocab_size)  # token id -> expert counts, fed by observe_tokens in training
+        self._val_routing: tuple = (None, {})  # (token ids, layer -> expert ids) of the first val batch
 
     def log_bits(self, split: str, loss_nats: torch.Tensor, **kwargs) -> None:
         """Bits per byte, comparable across tokenizers; bits per token when the data cannot tell bytes."""
@@ -43,6 +47,9 @@ class LMModule(L.LightningModule):
 
     def _lm_loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x_BL, y_BL = batch
+        if self.training:
+            for moe in self.moe_layers.values():
+                moe.observe_tokens(x_BL)
         logits_BLV, aux = self.model(x_BL)
         return F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten()), aux
 
@@ -61,18 +68,40 @@ class LMModule(L.LightningModule):
     # Validation metrics go to the logger from experiments.progress.ValidationReport at step = global_step
     # (logger=False here), so a resumed run continues one consistent metric history.
     def validation_step(self, batch, batch_idx):
-        lm_loss, _ = self._lm_loss(batch)
+        if batch_idx == 0 and self.moe_layers:  # the same fixed batch at every validation: router saturation
+            with record_routing(self.moe_layers) as routing:
+                lm_loss, _ = self._lm_loss(batch)
+            self._val_routing = (batch[0], routing)
+        else:
+            lm_loss, _ = self._lm_loss(batch)
         self.log("val/loss", lm_loss, prog_bar=True, logger=False)
         self.log_bits("val", lm_loss, prog_bar=True, logger=False)
 
     def on_validation_epoch_end(self):
-        """Log expert utilization gathered since the last validation, per MoE layer, then reset it."""
+        """Log expert utilization gathered since the last validation, per MoE layer, then reset it.
+
+        Scalars (MoE.utilization_stats, and tokens_per_expert/<e>) go to the logger as moe/<layer>/<stat>;
+        the raw counters to <run dir>/utilization/step_<N>.npz, logged as an MLflow artifact under
+        utilization/ (see experiments.utilization)."""
+        if self.trainer.sanity_checking or not self.moe_layers:
+            return
         for name, moe in self.moe_layers.items():
             stats = moe.utilization_stats()
+            for e, count in enumerate(stats["tokens_per_expert"]):
+                self.log(f"moe/{name}/tokens_per_expert/{e}", float(count), logger=False)
             for key, value in stats.items():
                 if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):
                     self.log(f"moe/{name}/{key}", float(value), logger=False)
+        logger = self.logger
+        if self.trainer.is_global_zero and logger is not None and getattr(logger, "run_id", None):
+            step = self.trainer.global_step
+            val_tokens, val_routing = self._val_routing
+            arrays = snapshot_arrays(self.moe_layers, step, val_tokens, val_routing)
+            path = save_snapshot(snapshot_path(Path(self.cfg.out_dir) / "runs" / logger.run_id, step), arrays)
+            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="utilization")
+        for moe in self.moe_layers.values():
             moe.reset_utilization()
+        self._val_routing = (None, {})
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -82,7 +111,8 @@ class LMModule(L.LightningModule):
             skip = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
             (no_decay if skip else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=self.device.type == "cuda")
+        # not fused: Lightning clips gradients itself under AMP, which fused AdamW refuses
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         total = self.cfg.trainer.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
