@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.conv import causal_conv1d, causal_conv1d_step
 from blocks.mixer import Mixer
 from blocks.scan import selective_scan_chunked, selective_state_step
 
@@ -83,7 +84,7 @@ class Mamba(Mixer):
         E, N, R = self.d_inner, cfg.d_state, self.dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * E, bias=cfg.bias)  # -> x, z
-        # padding K-1 then keeping the first L outputs makes the conv causal
+        # causal through blocks.conv.causal_conv1d; padding K-1 only keeps mamba-ssm's module layout
         self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, padding=cfg.d_conv - 1, bias=cfg.conv_bias)
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)  # -> dt (low rank), B, C
         self.dt_proj = nn.Linear(R, E, bias=True)
@@ -116,14 +117,7 @@ class Mamba(Mixer):
         L = x_BLD.shape[1]
         x_BLE, z_BLE = self.in_proj(x_BLD).chunk(2, dim=-1)
         x_BEL = x_BLE.transpose(1, 2)
-        if cache is None:
-            x_BEL = self.conv1d(x_BEL)[..., :L]
-        else:
-            # the K-1 cached inputs take the place of the zero padding: K - 1 + L inputs -> L outputs
-            window_BEL = torch.cat([cache.conv_state[..., 1:].to(x_BEL.dtype), x_BEL], dim=-1)
-            cache.conv_state.copy_(window_BEL[..., -self.d_conv :])
-            x_BEL = F.conv1d(window_BEL, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        x_BEL = F.silu(x_BEL)
+        x_BEL = F.silu(causal_conv1d(x_BEL, self.conv1d, None if cache is None else cache.conv_state))
 
         dt_BLE, B_BLN, C_BLN, A_EN = self._ssm_inputs(x_BEL.transpose(1, 2))
         y_BEL, state_BEN = selective_scan_chunked(
@@ -139,13 +133,7 @@ class Mamba(Mixer):
 
     def step(self, x_BD: Tensor, cache: MambaCache) -> Tensor:
         x_BE, z_BE = self.in_proj(x_BD).chunk(2, dim=-1)
-        conv_BEK = cache.conv_state
-        conv_BEK.copy_(torch.roll(conv_BEK, shifts=-1, dims=-1))  # drop the oldest input
-        conv_BEK[:, :, -1] = x_BE
-        x_BE = (conv_BEK.to(x_BE.dtype) * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            x_BE = x_BE + self.conv1d.bias
-        x_BE = F.silu(x_BE)
+        x_BE = F.silu(causal_conv1d_step(x_BE, self.conv1d, cache.conv_state))
 
         dt_BE, B_BN, C_BN, A_EN = self._ssm_inputs(x_BE)
         y_BE = selective_state_step(

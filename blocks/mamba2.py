@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.conv import causal_conv1d, causal_conv1d_step
 from blocks.mixer import Mixer
 from blocks.ssd import ssd_chunked, ssd_step
 
@@ -129,15 +130,8 @@ class Mamba2(Mixer):
         batch, length, _ = x_BLD.shape
         z_BLE, xBC_BLX, dt_BLH = self._split_proj(self.in_proj(x_BLD))
 
-        xBC_BXL = xBC_BLX.transpose(1, 2)
-        if cache is None:
-            prev_BXK = xBC_BXL.new_zeros(batch, self.conv_dim, self.d_conv - 1)
-        else:
-            prev_BXK = cache.conv_state[..., 1:].to(xBC_BXL.dtype)
-        window_BXL = torch.cat([prev_BXK, xBC_BXL], dim=-1)  # K - 1 + L inputs -> L outputs
-        if cache is not None:
-            cache.conv_state.copy_(window_BXL[..., -self.d_conv:])
-        xBC_BLX = F.silu(self.conv1d(window_BXL)).transpose(1, 2)
+        state = None if cache is None else cache.conv_state
+        xBC_BLX = F.silu(causal_conv1d(xBC_BLX.transpose(1, 2), self.conv1d, state)).transpose(1, 2)
 
         x_BLHP, B_BLGN, C_BLGN = self._split_xBC(xBC_BLX)
         A_H = -torch.exp(self.A_log.float())  # A < 0 by construction
@@ -155,13 +149,7 @@ class Mamba2(Mixer):
         batch = x_BD.shape[0]
         z_BE, xBC_BX, dt_BH = self._split_proj(self.in_proj(x_BD))
 
-        conv_BXK = cache.conv_state
-        conv_BXK.copy_(torch.roll(conv_BXK, shifts=-1, dims=-1))  # drop the oldest input
-        conv_BXK[:, :, -1] = xBC_BX
-        xBC_BX = (conv_BXK.to(xBC_BX.dtype) * self.conv1d.weight[:, 0]).sum(-1)
-        if self.conv1d.bias is not None:
-            xBC_BX = xBC_BX + self.conv1d.bias
-        xBC_BX = F.silu(xBC_BX)
+        xBC_BX = F.silu(causal_conv1d_step(xBC_BX, self.conv1d, cache.conv_state))
 
         x_BHP, B_BGN, C_BGN = self._split_xBC(xBC_BX)
         A_H = -torch.exp(self.A_log.float())
