@@ -134,11 +134,20 @@ class MoE(nn.Module):
     shared: optional dense MLP. Parameters: D*E + E + E*3*D*F (+ 3*D*shared_ffn_dim).
 
     forward returns (y_BLD, aux_losses) where aux_losses are the router's, already weighted.
-    Utilization counters (non-persistent buffers, updated in training only, under no_grad):
+    Utilization counters (non-persistent buffers, updated in training only, under no_grad, on the device
+    with scatter/index adds, so they never synchronise with the host):
     tokens_per_expert (slots each expert processed), dropped_tokens (slots dropped by the capacity
     limit), routed_slots (slots the router assigned), router_entropy_sum (sum over tokens of the
-    router's entropy / log E), num_tokens. Read them with utilization_stats(), clear with reset_utilization().
+    router's entropy / log E), num_tokens, router_prob_sum (E: sum over tokens of the router probability of
+    each expert), coactivation (E x E: tokens whose processed experts include both i and j; the diagonal
+    is tokens_per_expert), aux_loss_sum and aux_loss_count (per AUX_LOSS_NAMES: the sum of the loss, as
+    weighted in the training loss, over the forward calls that produced it), and, once track_tokens(V) has
+    allocated them, token_expert (V x E: slots of token id v that expert e processed) and token_counts (V:
+    occurrences of token id v), fed by observe_tokens(ids) before each forward.
+    Read them with utilization_stats() / utilization_arrays(), clear with reset_utilization().
     """
+
+    AUX_LOSS_NAMES = ("balance", "z")  # the routers' auxiliary losses, accumulated per layer
 
     def __init__(self, d_model: int, cfg: MoEConfig, ffn_dim: int):
         super().__init__()
@@ -171,6 +180,14 @@ class MoE(nn.Module):
         self.register_buffer("routed_slots", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("router_entropy_sum", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.register_buffer("router_prob_sum", torch.zeros(E, dtype=torch.float32), persistent=False)
+        self.register_buffer("coactivation", torch.zeros(E, E, dtype=torch.int64), persistent=False)
+        num_aux = len(self.AUX_LOSS_NAMES)
+        self.register_buffer("aux_loss_sum", torch.zeros(num_aux), persistent=False)
+        self.register_buffer("aux_loss_count", torch.zeros(num_aux, dtype=torch.int64), persistent=False)
+        self.register_buffer("token_expert", torch.zeros(0, E, dtype=torch.int64), persistent=False)
+        self.register_buffer("token_counts", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self._observed_ids: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -193,13 +210,30 @@ class MoE(nn.Module):
         )
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
+        token_ids, self._observed_ids = self._observed_ids, None
         if self.training:
-            self._update_utilization(routing, mask_TK)
+            self._update_utilization(routing, mask_TK, token_ids)
         return y_TD.view(B, L, D), routing.aux_losses
 
+    def track_tokens(self, vocab_size: int) -> None:
+        """Allocate the token_expert (V x E) and token_counts (V) counters; observe_tokens then feeds them."""
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        device = self.coactivation.device
+        self.token_expert = torch.zeros(vocab_size, self.num_experts, dtype=torch.int64, device=device)
+        self.token_counts = torch.zeros(vocab_size, dtype=torch.int64, device=device)
+
+    def observe_tokens(self, ids: Tensor) -> None:
+        """Token ids (any shape with B*L elements) of the input of the next forward, for the token counters.
+
+        The layer never sees token ids, so the LM's owner hands them over here; the next forward uses
+        them once and forgets them. Without track_tokens they are ignored."""
+        self._observed_ids = ids.reshape(-1)
+
     @torch.no_grad()
-    def _update_utilization(self, routing: Routing, kept_TK: Tensor | None) -> None:
+    def _update_utilization(self, routing: Routing, kept_TK: Tensor | None, token_ids_T: Tensor | None) -> None:
         E = self.num_experts
+        T, K = routing.expert_ids_TK.shape
         ids_S = routing.expert_ids_TK.reshape(-1)
         if kept_TK is not None:
             ids_S = torch.where(kept_TK.reshape(-1), ids_S, E)
@@ -207,33 +241,68 @@ class MoE(nn.Module):
         routed = routing.mask_TK.sum() if routing.mask_TK is not None else ids_S.numel()
         self.routed_slots += routed
         self.dropped_tokens += routed - (ids_S < E).sum()
-        self.num_tokens += routing.probs_TE.shape[0]
+        self.num_tokens += T
+        probs_TE = routing.probs_TE.float()
+        self.router_prob_sum += probs_TE.sum(dim=0)
         if E > 1:
-            probs_TE = routing.probs_TE.float()
             entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=-1)
             self.router_entropy_sum += entropy_T.sum() / math.log(E)
+        # processed-expert indicator per token (a dropped slot, sent to the sentinel column E, is cut off);
+        # 0/1 entries summed in fp32 with autocast off are exact up to 2**24 tokens per batch
+        active_TE = torch.zeros(T, E + 1, device=ids_S.device).scatter_(1, ids_S.view(T, K), 1.0)[:, :E]
+        with torch.autocast(device_type=ids_S.device.type, enabled=False):
+            self.coactivation += (active_TE.T @ active_TE).round().long()
+        for i, name in enumerate(self.AUX_LOSS_NAMES):
+            if name in routing.aux_losses:
+                self.aux_loss_sum[i] += routing.aux_losses[name].detach().float()
+                self.aux_loss_count[i] += 1
+        V = self.token_expert.shape[0]
+        if V and token_ids_T is not None:
+            assert token_ids_T.numel() == T, (token_ids_T.shape, T)
+            kept_S = ids_S < E
+            flat_S = token_ids_T[:, None].expand(T, K).reshape(-1) * E + torch.where(kept_S, ids_S, 0)
+            self.token_expert.view(-1).scatter_add_(0, flat_S, kept_S.long())
+            self.token_counts.scatter_add_(0, token_ids_T, torch.ones_like(token_ids_T))
 
     def utilization_stats(self) -> dict[str, float | int | list[int]]:
         """Load and routing statistics since the last reset (nan where no token was seen).
 
         load_cv: std / mean of tokens_per_expert; max_over_mean_load: the busiest expert's load over the
-        mean; drop_rate: dropped / routed slots; router_entropy: mean normalised router entropy in [0, 1]."""
+        mean; drop_rate: dropped / routed slots; router_entropy: mean normalised router entropy in [0, 1]
+        (per token); load_entropy: entropy of the aggregate load tokens_per_expert / total, over log E;
+        aux_<name>: mean per forward call of each auxiliary loss the router produced (as weighted in the loss)."""
         counts = self.tokens_per_expert.float()
         mean = counts.mean().item()
         routed = self.routed_slots.item()
         num_tokens = self.num_tokens.item()
         nan = float("nan")
-        return {
+        load_E = counts / counts.sum().clamp(min=1)
+        load_entropy = -torch.special.xlogy(load_E, load_E).sum().item() / math.log(max(self.num_experts, 2))
+        stats = {
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "load_cv": counts.std(correction=0).item() / mean if mean > 0 else nan,
             "max_over_mean_load": counts.max().item() / mean if mean > 0 else nan,
             "drop_rate": self.dropped_tokens.item() / routed if routed > 0 else nan,
             "router_entropy": self.router_entropy_sum.item() / num_tokens if num_tokens > 0 else nan,
+            "load_entropy": load_entropy if mean > 0 else nan,
             "num_tokens": num_tokens,
         }
+        sums, calls = self.aux_loss_sum.tolist(), self.aux_loss_count.tolist()
+        for name, total, n in zip(self.AUX_LOSS_NAMES, sums, calls):
+            if n > 0:
+                stats[f"aux_{name}"] = total / n
+        return stats
+
+    def utilization_arrays(self) -> dict[str, Tensor]:
+        """Every counter as a CPU tensor (the token counters are empty unless track_tokens was called)."""
+        names = ("tokens_per_expert", "dropped_tokens", "routed_slots", "num_tokens", "router_entropy_sum",
+                 "router_prob_sum", "coactivation", "aux_loss_sum", "aux_loss_count", "token_expert",
+                 "token_counts")
+        return {name: getattr(self, name).detach().cpu().clone() for name in names}
 
     def reset_utilization(self) -> None:
         counters = (self.tokens_per_expert, self.dropped_tokens, self.routed_slots, self.num_tokens,
-                    self.router_entropy_sum)
+                    self.router_entropy_sum, self.router_prob_sum, self.coactivation, self.aux_loss_sum,
+                    self.aux_loss_count, self.token_expert, self.token_counts)
         for buf in counters:
             buf.zero_()
