@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
@@ -47,9 +48,12 @@ def make_logger(cfg: DictConfig, run_id: str | None = None, extra_tags: dict[str
     artifacts = None
     if uri.startswith("sqlite:"):
         artifacts = (Path(cfg.out_dir).resolve() / "mlartifacts").as_uri()
+    # MLflow's own random names come from Python's `random`, which the run has seeded: every run would get the
+    # same one. Name runs by family plus a few random characters from the OS instead.
+    run_name = cfg.tracking.run_name or f"{model_family(cfg)}-{uuid.uuid4().hex[:6]}"
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name,
+        run_name=None if run_id else run_name,
         tracking_uri=uri,
         artifact_location=artifacts,
         run_id=run_id,
