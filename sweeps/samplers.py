@@ -70,13 +70,7 @@ def make_sampler(spec: dict[str, Any], grid: dict[str, list] | None, worker: int
             raise ConfigError(f"sampler.seed must be an integer, got {spec['seed']!r}")
         spec["seed"] += worker
     extra = {"search_space": grid} if spec["name"] == "grid" else {}
-    sampler = _make(SAMPLERS, spec, "sampler", **extra)
-    if spec["name"] == "cmaes":
-        try:
-            import cmaes  # noqa: F401  (CmaEsSampler imports it only when it first samples)
-        except ImportError:
-            raise ConfigError("sampler=cmaes needs the 'cmaes' package: pip install cmaes") from None
-    return sampler
+    return _make(SAMPLERS, spec, "sampler", **extra)
 
 
 def make_pruner(spec: dict[str, Any]) -> BasePruner:

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from experiments.config import compose
 from sweeps import budget as budgets
 from sweeps.cli import main
+from sweeps.samplers import SAMPLERS
 
 TOP_K = "params: {moe.top_k: {type: int, low: 1, high: 2}}"
 FAST = ["budget.reports=2", "sampler.seed=0"]  # tiny argv's 4 steps of 4 x 32 tokens; validate at steps 2, 4
@@ -176,3 +177,10 @@ def test_every_shipped_sweep_is_valid_and_help_lists_them(tiny, capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("experts", "ratios", "routers", "scaling", "n_jobs=", "budget.flops"))
+
+
+@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "grid"])
+def test_every_sampler_runs_a_trial(tiny, capsys, name):
+    objectives = ["objectives=val/bpb,params_active"] if name == "nsga2" else []
+    assert main(tiny("sweep=lr", "n_trials=2", f"sampler={name}", "pruner=none", *objectives, *FAST)) == 0
+    assert "2 COMPLETE" in capsys.readouterr().out
