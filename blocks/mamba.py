@@ -114,7 +114,6 @@ class Mamba(Mixer):
         return F.linear(dt, self.dt_proj.weight), B, C, -torch.exp(self.A_log.float())
 
     def forward(self, x_BLD: Tensor, cache: MambaCache | None = None) -> Tensor:
-        L = x_BLD.shape[1]
         x_BLE, z_BLE = self.in_proj(x_BLD).chunk(2, dim=-1)
         x_BEL = x_BLE.transpose(1, 2)
         x_BEL = F.silu(causal_conv1d(x_BEL, self.conv1d, None if cache is None else cache.conv_state))
