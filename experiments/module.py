@@ -61,7 +61,9 @@ class LMModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         for name, value in aux.items():
             self.log(f"train/aux_{name}", value)
-        if not torch.isfinite(loss):
+        # Checked when metrics are logged, not every step: reading the loss on the host stalls a GPU,
+        # and a NaN loss stays NaN (the weights are NaN after the step), so it is caught within log_every steps.
+        if (self.global_step + 1) % self.cfg.trainer.log_every == 0 and not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
         return loss
 
