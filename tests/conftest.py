@@ -7,6 +7,9 @@ import pytest
 # one corpus cache per test session, never the user's home
 os.environ.setdefault("BLACKMAMBA_CACHE", tempfile.mkdtemp(prefix="blackmamba-test-cache-"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
+# Kernel tests call the kernels directly; everything else dispatches to the PyTorch references on CPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_argv(out_dir, *extra):

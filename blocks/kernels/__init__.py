@@ -1,0 +1,55 @@
+"""Triton kernels for the blocks, each with a pure-PyTorch reference twin that it is tested against.
+
+Dispatch rule used everywhere: a kernel runs when its inputs are on a CUDA device and Triton imports;
+otherwise the PyTorch reference runs. On the CPU, tests run the kernels through Triton's interpreter
+(TRITON_INTERPRET=1, set before Triton is imported; fp32/fp16, tiny shapes), either by calling them
+directly or by forcing the dispatch with `force_triton()`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+_forced = False
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports (it is a dependency on Linux only)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels run on CPU tensors, with a single autotune config."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether the fused kernels should run for these inputs: Triton imports and the tensors are on a
+    CUDA device, or `force_triton()` is active and Triton is interpreting on the CPU."""
+    if not triton_available():
+        return False
+    if _forced and interpreting():
+        return True
+    return all(t.is_cuda for t in tensors)
+
+
+@contextlib.contextmanager
+def force_triton() -> Iterator[None]:
+    """Route CPU tensors through the Triton kernels (under TRITON_INTERPRET=1), for tests."""
+    global _forced
+    if not interpreting():
+        raise RuntimeError("force_triton() needs TRITON_INTERPRET=1 set before triton is imported")
+    previous, _forced = _forced, True
+    try:
+        yield
+    finally:
+        _forced = previous

@@ -1,0 +1,1 @@
+"""Fused routing kernels (Triton) with their PyTorch reference twins."""
