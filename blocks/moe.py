@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.kernels import use_triton
 from blocks.mlp import MLP, glu_activation
 from routers import Routing, build_router, count_per_expert
 
@@ -126,6 +127,24 @@ def moe_experts_ref(
     return out_TD.index_add_(0, token_S, y_SD * w_S1).to(x_TD.dtype)
 
 
+def moe_experts(
+    x_TD: Tensor,
+    expert_ids_TK: Tensor,
+    weights_TK: Tensor,
+    mask_TK: Tensor | None,
+    w_in: Tensor,
+    w_out: Tensor,
+    activation: str,
+) -> Tensor:
+    """The experts' combined output (see moe_experts_ref): the fused Triton kernels on CUDA
+    (blocks.kernels.moe), the PyTorch reference elsewhere. Both give the same values and gradients."""
+    if use_triton(x_TD):
+        from blocks.kernels.moe import moe_experts_triton  # imports Triton, which only Linux installs
+
+        return moe_experts_triton(x_TD, expert_ids_TK, weights_TK, mask_TK, w_in, w_out, activation)
+    return moe_experts_ref(x_TD, expert_ids_TK, weights_TK, mask_TK, w_in, w_out, activation)
+
+
 class MoE(nn.Module):
     """Mixture-of-experts MLP (BlackMamba's MoE block): y = sum_k g_k(x) * expert_{e_k}(x) [+ shared(x)].
 
@@ -205,7 +224,7 @@ class MoE(nn.Module):
         if self.training and self.cfg.capacity_factor is not None:
             capacity = math.ceil(self.cfg.capacity_factor * B * L * self.top_k / self.num_experts)
             mask_TK = apply_capacity(routing.expert_ids_TK, routing.mask_TK, self.num_experts, capacity)
-        y_TD = moe_experts_ref(
+        y_TD = moe_experts(
             x_TD, routing.expert_ids_TK, routing.weights_TK, mask_TK, self.w_in, self.w_out, self.cfg.activation
         )
         if self.shared is not None:
