@@ -68,14 +68,18 @@ def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
-def switch_balance_loss(probs_TE: Tensor, expert_ids_TK: Tensor, num_experts: int) -> Tensor:
+def switch_balance_loss(
+    probs_TE: Tensor, expert_ids_TK: Tensor, num_experts: int, counts_E: Tensor | None = None
+) -> Tensor:
     """Switch Transformer load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
 
     f_i is the fraction of routed slots sent to expert i, P_i the mean router probability of i.
-    Its minimum, 1, is reached by a uniform load.
+    Its minimum, 1, is reached by a uniform load. `counts_E`: the slots per expert of expert_ids_TK when
+    already known (the fused gate kernel counts them), else they are counted here.
     """
-    counts_E = count_per_expert(expert_ids_TK, num_experts).to(probs_TE.dtype)
-    f_E = counts_E / expert_ids_TK.numel()
+    if counts_E is None:
+        counts_E = count_per_expert(expert_ids_TK, num_experts)
+    f_E = counts_E.to(probs_TE.dtype) / expert_ids_TK.numel()
     P_E = probs_TE.mean(dim=0)
     return num_experts * (f_E * P_E).sum()
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from blocks.kernels import use_triton
 from routers.base import Router, Routing, router_z_loss
 
 
@@ -45,6 +46,13 @@ def sinkhorn_log_plan(logits_TE: Tensor, temperature: float, n_iters: int) -> Te
     return log_K_TE + log_d0_T[:, None] + log_d1_E
 
 
+def sinkhorn_topk_ref(logits_TE: Tensor, k: int, temperature: float = 0.5, n_iters: int = 8) -> Tensor:
+    """Reference twin of `routers.kernels.sinkhorn_topk`: expert_ids_TK (T, k) int64, the top-k experts of
+    each token under the plan `sinkhorn_log_plan(logits_TE, temperature, n_iters)`. No gradient."""
+    with torch.no_grad():
+        return torch.topk(sinkhorn_log_plan(logits_TE, temperature, n_iters), k, dim=-1).indices
+
+
 class SinkhornRouter(Router):
     """Training: experts are the top-k of the Sinkhorn-balanced plan over the whole batch; eval: top-k of
     the raw logits. Gate weight = sigmoid(raw logit of the chosen expert) in both modes.
@@ -54,6 +62,8 @@ class SinkhornRouter(Router):
     The plan only picks experts and carries no gradient; the router learns through the sigmoid gate.
     In eval mode (validation, generation) routing is causal: argmax of the logits for k = 1, as the
     released BlackMamba model does at inference. No auxiliary loss is needed; an optional z-loss.
+    On CUDA the training plan and its top-k are fused kernels (`routers.kernels.sinkhorn_topk`),
+    elsewhere `sinkhorn_topk_ref`.
     """
 
     causal = False
@@ -64,12 +74,13 @@ class SinkhornRouter(Router):
 
     def route(self, logits_TE: Tensor) -> Routing:
         logits_TE = logits_TE.float()
-        if self.training:
-            with torch.no_grad():
-                scores_TE = sinkhorn_log_plan(logits_TE.detach(), self.cfg.temperature, self.cfg.n_iters)
+        if not self.training:
+            expert_ids_TK = torch.topk(logits_TE.detach(), self.top_k, dim=-1).indices
+        elif use_triton(logits_TE):
+            from routers.kernels.sinkhorn import sinkhorn_topk  # Triton imports on Linux only
+            expert_ids_TK = sinkhorn_topk(logits_TE, self.top_k, self.cfg.temperature, self.cfg.n_iters)
         else:
-            scores_TE = logits_TE.detach()
-        expert_ids_TK = torch.topk(scores_TE, self.top_k, dim=-1).indices
+            expert_ids_TK = sinkhorn_topk_ref(logits_TE, self.top_k, self.cfg.temperature, self.cfg.n_iters)
         weights_TK = torch.sigmoid(logits_TE.gather(1, expert_ids_TK))
         aux_losses: dict[str, Tensor] = {}
         if self.training and self.cfg.z_loss_coef > 0:

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from routers.base import Router, Routing, router_z_loss, switch_balance_loss
+from blocks.kernels import use_triton
+from routers.base import Router, Routing, count_per_expert, router_z_loss, switch_balance_loss
+
+GATES = ("softmax", "sigmoid")
+
+
+class Gate(NamedTuple):
+    """The gate of T tokens over E experts: weights_TK (T, k) fp32, expert_ids_TK (T, k) int64,
+    probs_TE (T, E) fp32, counts_E (E,) int32 slots per expert (None unless asked for)."""
+
+    weights_TK: Tensor
+    expert_ids_TK: Tensor
+    probs_TE: Tensor
+    counts_E: Tensor | None
 
 
 @dataclass
@@ -27,6 +41,25 @@ class TopKConfig:
             )
 
 
+def topk_gate_ref(
+    logits_TE: Tensor, k: int, gate: str = "softmax", renormalize: bool = True, with_counts: bool = False
+) -> Gate:
+    """Reference twin of `routers.kernels.topk_gate` (same arguments and outputs), in PyTorch ops.
+
+    probs_TE (T, E) = softmax over experts or sigmoid per expert (`gate`); (weights_TK, expert_ids_TK)
+    = torch.topk(probs_TE, k), the weights divided by their sum when `renormalize` and k > 1;
+    counts_E (E,) int32 = slots per expert when `with_counts`, else None.
+    """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    probs_TE = torch.softmax(logits_TE, dim=-1) if gate == "softmax" else torch.sigmoid(logits_TE)
+    weights_TK, expert_ids_TK = torch.topk(probs_TE, k, dim=-1)
+    if renormalize and k > 1:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    counts_E = count_per_expert(expert_ids_TK, logits_TE.shape[1]).int() if with_counts else None
+    return Gate(weights_TK, expert_ids_TK, probs_TE, counts_E)
+
+
 class TopKRouter(Router):
     """probs = softmax(logits); each token goes to its k most probable experts.
 
@@ -34,6 +67,7 @@ class TopKRouter(Router):
     `renormalize` and k > 1. For k = 1 the raw probability is kept, as in the Switch Transformer: a single
     renormalised weight would be identically 1 and the router would get no gradient from the output.
     Causal in training and eval: a token's routing depends on its own logits only.
+    On CUDA the gate is one fused kernel (`routers.kernels.topk_gate`), elsewhere `topk_gate_ref`.
     Auxiliary losses (training only): balance = coef * switch_balance_loss (Switch eq. 4), z = coef * z-loss.
     """
 
@@ -43,14 +77,18 @@ class TopKRouter(Router):
 
     def route(self, logits_TE: Tensor) -> Routing:
         logits_TE = logits_TE.float()
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        weights_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
-        if self.cfg.renormalize and self.top_k > 1:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if use_triton(logits_TE):
+            from routers.kernels.topk_gate import topk_gate as gate_fn  # Triton imports on Linux only
+        else:
+            gate_fn = topk_gate_ref
+        with_counts = self.training and self.cfg.aux_loss_coef > 0
+        weights_TK, expert_ids_TK, probs_TE, counts_E = gate_fn(
+            logits_TE, self.top_k, "softmax", self.cfg.renormalize, with_counts
+        )
         aux_losses: dict[str, Tensor] = {}
         if self.training:
             if self.cfg.aux_loss_coef > 0:
-                balance = switch_balance_loss(probs_TE, expert_ids_TK, self.num_experts)
+                balance = switch_balance_loss(probs_TE, expert_ids_TK, self.num_experts, counts_E)
                 aux_losses["balance"] = self.cfg.aux_loss_coef * balance
             if self.cfg.z_loss_coef > 0:
                 aux_losses["z"] = self.cfg.z_loss_coef * router_z_loss(logits_TE)
