@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blocks.kernels.glu import glu_fwd  # noqa: E402
-from blocks.kernels.grouped_gemm import gmm, gmm_wgrad  # noqa: E402
+from blocks.kernels.grouped_gemm import gmm, gmm_glu, gmm_wgrad  # noqa: E402
+from blocks.kernels.glu import glu_bwd  # noqa: E402
 from blocks.kernels.moe import moe_experts_triton  # noqa: E402
 from blocks.kernels.permute import permute_slots  # noqa: E402
 from blocks.moe import moe_experts_ref  # noqa: E402
@@ -43,6 +43,16 @@ ROWS: list[dict] = []
 
 def bench(fn, rep: int = 200) -> float:
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def bench_graph(fn) -> float:
+    """GPU time of a short op without the launch overhead that dominates it when timed alone:
+    replayed from a CUDA graph (falls back to plain timing if the op cannot be captured)."""
+    try:
+        return do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception:
+        torch.cuda.synchronize()
+        return bench(fn, rep=100)
 
 
 def log(msg: str) -> None:
@@ -84,9 +94,8 @@ def route_ours(logits_TE: torch.Tensor, k: int):
     topk_gate = fused_topk()
     if topk_gate is None:
         return topk_torch(logits_TE, k)
-    out = topk_gate(logits_TE, k)
-    probs, w, ids = (out[0], out[1], out[2]) if len(out) >= 3 else (None, out[0], out[1])
-    return w, ids
+    gate = topk_gate(logits_TE, k)
+    return gate.weights_TK, gate.expert_ids_TK
 
 
 def glu(h):
@@ -196,8 +205,7 @@ def breakdown(x, wg, w1, w2, K):
     order, offs = permute_slots(ids, E)
     tok = order // K
     P = T * K
-    h = gmm(x, w1, offs, P, a_rows=tok)
-    act = glu_fwd(h, offs, "swiglu")
+    h, act = gmm_glu(x, w1, offs, P, "swiglu", a_rows=tok)
     dout = torch.randn(T, D, device=DEV, dtype=BF16)
     offs_end = offs[1:].contiguous()
     xs = x.detach()[tok]
@@ -208,10 +216,11 @@ def breakdown(x, wg, w1, w2, K):
         "gmm1 gather (ours)": lambda: gmm(x, w1, offs, P, a_rows=tok),
         "gmm1 _grouped_mm": lambda: torch._grouped_mm(xs, w1.detach(), offs=offs_end),
         "gmm1 dense mm": lambda: xs @ w1.detach()[0],
-        "glu fwd": lambda: glu_fwd(h, offs, "swiglu"),
+        "gmm1+glu (ours)": lambda: gmm_glu(x, w1, offs, P, "swiglu", a_rows=tok),
         "gmm2 scatter (ours)": lambda: gmm(act, w2, offs, P, out=torch.empty(T, D, device=DEV, dtype=BF16), y_rows=order, scale=w.reshape(-1)[order]),
         "gmm2 _grouped_mm": lambda: torch._grouped_mm(act, w2.detach(), offs=offs_end),
-        "dgrad2+copy (ours)": lambda: gmm(dout, w2.transpose(1, 2), offs, P, a_rows=tok, a_copy_scale=w.reshape(-1)[order]),
+        "dgrad2 (ours)": lambda: gmm(dout, w2.transpose(1, 2), offs, P, a_rows=tok),
+        "glu bwd (ours)": lambda: glu_bwd(h, act, w.reshape(-1)[order], order, torch.zeros(P, device=DEV), offs, "swiglu", dout, tok),
         "dgrad1 scatter (ours)": lambda: gmm(h, w1.transpose(1, 2), offs, P, out=torch.empty(T, D, device=DEV, dtype=BF16), y_rows=order),
         "wgrad1 (ours)": lambda: gmm_wgrad(x, h, offs, a_rows=tok, compute_dtype=BF16),
         "wgrad1 dense mm": lambda: xs.T @ h,
@@ -221,7 +230,7 @@ def breakdown(x, wg, w1, w2, K):
     log("  breakdown at 1.5b uniform:")
     for pname, fn in parts.items():
         try:
-            ms = bench(fn, rep=100)
+            ms = bench_graph(fn)
             ROWS.append(dict(shape="1.5b", routing="uniform", variant="part:" + pname, ms=ms))
             log(f"    {pname:22s} {ms * 1e3:8.1f} us")
         except Exception as exc:
@@ -246,6 +255,71 @@ def kernels_report():
             log(f"    ({kname}: compiled-kernel introspection failed: {type(exc).__name__}: {exc})")
 
 
+def check_every_config():
+    """Every tile config of the grouped GEMMs against fp32 per-expert matmuls (gather/scatter/scale, W and
+    W^T), at the 1.5B shape with a skewed, uneven load: the autotuner may pick any of them."""
+    import triton
+
+    from blocks.kernels import grouped_gemm as gg
+    T, D, F2, E = 16384, 1152, 6144, 8
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    ids = torch.multinomial(1.0 / torch.arange(1, E + 1, device=DEV, dtype=torch.float), T, True, generator=gen)
+    order, offs = permute_slots(ids[:, None], E)
+    x = torch.randn(T, D, device=DEV, dtype=BF16, generator=gen)
+    w = torch.randn(E, D, F2, device=DEV, dtype=BF16, generator=gen) / math.sqrt(D)
+    wt = torch.randn(E, F2, D, device=DEV, dtype=BF16, generator=gen).transpose(1, 2) / math.sqrt(D)
+    scale = torch.rand(T, device=DEV)
+    bounds = offs.tolist()
+    xo = x[order.long()].float()
+    ref = {n: torch.cat([xo[a:b] @ ww[e].float() for e, (a, b) in enumerate(zip(bounds, bounds[1:]))]) for n, ww in (("w", w), ("wt", wt))}
+    worst = 0.0
+    for cfg in gg.GMM_CONFIGS:
+        meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        for name, ww in (("w", w), ("wt", wt)):
+            for scatter in (False, True):
+                y = torch.full((T, F2), float("nan"), device=DEV, dtype=BF16)
+                grid = ((triton.cdiv(T, meta["BLOCK_M"]) + E) * triton.cdiv(F2, meta["BLOCK_N"]),)
+                gg._gmm_kernel.fn[grid](
+                    x, ww, y, offs, order, order, scale, y, T, F2, D, E,
+                    x.stride(0), x.stride(1), ww.stride(0), ww.stride(1), ww.stride(2), y.stride(0), y.stride(1),
+                    GATHER_A=True, SCATTER_Y=scatter, SCALE=scatter, GLU=0, EP=triton.next_power_of_2(E), **meta)
+                expect = ref[name] * scale[:, None] if scatter else ref[name]
+                got = y[order.long()].float() if scatter else y.float()
+                err = rel(got, expect)
+                worst = max(worst, err if math.isfinite(err) else float("inf"))
+                if not err < 1e-2:
+                    log(f"  gmm config {meta} W{'^T' if name == 'wt' else ''} scatter={scatter}: rel err {err:.2e} FAIL")
+        if meta["BLOCK_M"] * meta["BLOCK_N"] <= 128 * 128:  # the tiles the fused-GLU variant may use
+            Fh = F2 // 2
+            h = torch.full((T, F2), float("nan"), device=DEV, dtype=BF16)
+            act = torch.full((T, Fh), float("nan"), device=DEV, dtype=BF16)
+            grid = ((triton.cdiv(T, meta["BLOCK_M"]) + E) * triton.cdiv(Fh, meta["BLOCK_N"]),)
+            gg._gmm_kernel.fn[grid](
+                x, w, h, offs, order, order, scale, act, T, Fh, D, E,
+                x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), h.stride(0), h.stride(1),
+                GATHER_A=True, SCATTER_Y=False, SCALE=False, GLU=1, EP=triton.next_power_of_2(E), **meta)
+            act_ref = glu(ref["w"])
+            for got, expect in ((h, ref["w"]), (act, act_ref)):
+                err = rel(got, expect)
+                worst = max(worst, err if math.isfinite(err) else float("inf"))
+                if not err < 1e-2:
+                    log(f"  gmm+glu config {meta}: rel err {err:.2e} FAIL")
+    dy = torch.randn(T, F2, device=DEV, dtype=BF16, generator=gen)
+    ref_dw = torch.stack([xo[a:b].T @ dy[a:b].float() for a, b in zip(bounds, bounds[1:])])
+    for cfg in gg.WGRAD_CONFIGS:
+        meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        dw = torch.full((E, D, F2), float("nan"), device=DEV)
+        grid = (E * triton.cdiv(D, meta["BLOCK_K"]) * triton.cdiv(F2, meta["BLOCK_N"]),)
+        gg._wgrad_kernel.fn[grid](x, dy, dw, offs, order, F2, D, E, x.stride(0), x.stride(1), dy.stride(0),
+                                  dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2), GATHER_A=True,
+                                  DOT_DTYPE=gg._TL_DTYPES[BF16], **meta)
+        err = rel(dw, ref_dw)
+        worst = max(worst, err if math.isfinite(err) else float("inf"))
+        if not err < 1e-2:
+            log(f"  wgrad config {meta}: rel err {err:.2e} FAIL")
+    log(f"every grouped-GEMM tile config vs fp32 reference: worst rel err {worst:.1e} {'OK' if worst < 1e-2 else 'FAIL'}")
+
+
 def routing_alone():
     from routers.sinkhorn import sinkhorn_log_plan
     try:
@@ -257,15 +331,15 @@ def routing_alone():
     for E, k in ((8, 1), (64, 8)):
         logits = torch.randn(16384, E, device=DEV, requires_grad=True)
         g = torch.randn(16384, k, device=DEV)
-        cases = {"topk torch fwd+bwd": lambda: topk_torch(logits, k)[0].backward(g),
+        cases = {"topk torch fwd+bwd": lambda: torch.autograd.grad(topk_torch(logits, k)[0], logits, g),
                  "sinkhorn torch": lambda: torch.topk(sinkhorn_log_plan(logits.detach(), 0.5, 8), k, -1)}
         if topk_gate is not None:
-            cases["topk fused fwd+bwd"] = lambda: topk_gate(logits, k)[1].backward(g)
+            cases["topk fused fwd+bwd"] = lambda: torch.autograd.grad(topk_gate(logits, k).weights_TK, logits, g)
         if sinkhorn_topk is not None:
             cases["sinkhorn fused"] = lambda: sinkhorn_topk(logits.detach(), k, temperature=0.5, n_iters=8)
         for cname, fn in cases.items():
             try:
-                ms = bench(fn, rep=100)
+                ms = bench_graph(fn)
                 ROWS.append(dict(shape=f"route E{E} k{k}", variant=cname, ms=ms))
                 log(f"  E {E:3d} k {k}: {cname:20s} {ms * 1e3:8.1f} us")
             except Exception as exc:
@@ -277,11 +351,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip the per-expert loop variant")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--routings", default="uniform,skewed")
+    ap.add_argument("--skip-config-check", action="store_true", help="skip checking every tile config")
     args = ap.parse_args()
     t0 = time.time()
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {__import__('triton').__version__}")
     a = torch.randn(8192, 8192, device=DEV, dtype=BF16)
     log(f"dense bf16 8192^3: {2 * 8192**3 / bench(lambda: a @ a) / 1e9:.0f} TFLOP/s")
+    if not args.skip_config_check:
+        check_every_config()
     for name in args.shapes.split(","):
         for routing in args.routings.split(","):
             try:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from blocks.kernels import force_triton
-from blocks.kernels.glu import glu_bwd, glu_fwd
-from blocks.kernels.grouped_gemm import gmm, gmm_wgrad
+from blocks.kernels.glu import glu_bwd
+from blocks.kernels.grouped_gemm import gmm, gmm_glu, gmm_wgrad
 from blocks.kernels.moe import moe_experts_triton
 from blocks.kernels.permute import permute_slots, permute_slots_ref
 from blocks.mlp import glu_activation
@@ -76,13 +76,15 @@ def test_gmm_matches_per_expert_matmul(gather, scatter, scale, transpose):
     torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
 
 
-def test_gmm_copy_of_gathered_rows():
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_gmm_with_fused_glu(activation):
     gen = torch.Generator().manual_seed(3)
-    T, E, K, N = 30, 3, 20, 36
+    T, E, K, F = 30, 3, 20, 18
     order, offsets = _groups(T, E, gen)
-    a, w, s = torch.randn(T, K, generator=gen), torch.randn(E, K, N, generator=gen), torch.rand(T, generator=gen)
-    _, copy = gmm(a, w, offsets, T, a_rows=order, a_copy_scale=s)
-    torch.testing.assert_close(copy, a[order.long()] * s[:, None])
+    a, w = torch.randn(T, K, generator=gen), torch.randn(E, K, 2 * F, generator=gen)
+    h, act = gmm_glu(a, w, offsets, T, activation, a_rows=order)
+    torch.testing.assert_close(h, gmm(a, w, offsets, T, a_rows=order), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(act, glu_activation(activation)(h), rtol=1e-5, atol=1e-5)
 
 
 def test_wgrad_matches_per_expert_sum_and_zero_for_empty_experts():
@@ -99,21 +101,25 @@ def test_wgrad_matches_per_expert_sum_and_zero_for_empty_experts():
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
-def test_glu_kernels_match_autograd(activation):
+def test_glu_backward_matches_autograd(activation):
     gen = torch.Generator().manual_seed(5)
-    P, F = 23, 40
+    P, F, T, D = 23, 40, 19, 20
     h = torch.randn(P, 2 * F, generator=gen, requires_grad=True)
     w = torch.rand(P, generator=gen)
     slot = torch.randperm(P, generator=gen).to(torch.int32)
-    offsets = torch.tensor([0, 10, P], dtype=torch.int32)
+    token = torch.randint(0, T, (P,), generator=gen).to(torch.int32)
+    dy = torch.randn(T, D, generator=gen)
+    offsets = torch.tensor([0, 10, P - 3], dtype=torch.int32)  # the last 3 rows are dropped slots
     act_ref = glu_activation(activation)(h)
-    torch.testing.assert_close(glu_fwd(h.detach(), offsets, activation), act_ref.detach())
     da = torch.randn(P, F, generator=gen)
     (dh_ref,) = torch.autograd.grad(act_ref, h, da * w[:, None])
     dw = torch.zeros(P)
-    dh = glu_bwd(h.detach(), da, w, slot, dw, offsets, activation)
-    torch.testing.assert_close(dh, dh_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dw[slot.long()], (da * act_ref.detach()).sum(1), rtol=1e-5, atol=1e-5)
+    dh, wdy = glu_bwd(h.detach(), da, w, slot, dw, offsets, activation, dy, token)
+    n = P - 3
+    torch.testing.assert_close(dh[:n], dh_ref[:n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw[slot[:n].long()], (da * act_ref.detach()).sum(1)[:n], rtol=1e-5, atol=1e-5)
+    assert dw[slot[n:].long()].abs().max() == 0
+    torch.testing.assert_close(wdy[:n], (dy[token.long()] * w[:, None])[:n])
 
 
 @pytest.mark.parametrize(

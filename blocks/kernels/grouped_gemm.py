@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from blocks.kernels import interpreting
+from blocks.kernels.glu import glu_gate
 
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -64,13 +65,21 @@ def _expert_of_tile(offsets_ptr, tile_m, E, BLOCK_M: tl.constexpr, EP: tl.conste
     return e, row0, row_end
 
 
-@triton.autotune(configs=GMM_CONFIGS, key=["N", "K", "GATHER_A", "SCATTER_Y", "SCALE", "COPY_A"])
+def _prune_glu(configs, named_args, **kwargs):
+    # the fused-GLU variant holds two accumulators: keep the tiles whose pair fits in registers
+    if (kwargs.get("GLU") or named_args.get("GLU", 0)) and not interpreting():
+        return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 128 * 128]
+    return configs
+
+
+@triton.autotune(configs=GMM_CONFIGS, key=["N", "K", "GATHER_A", "SCATTER_Y", "SCALE", "GLU"],
+                 prune_configs_by={"early_config_prune": _prune_glu})
 @triton.jit
 def _gmm_kernel(
-    a_ptr, w_ptr, y_ptr, offsets_ptr, a_rows_ptr, y_rows_ptr, scale_ptr, a_copy_ptr,
+    a_ptr, w_ptr, y_ptr, offsets_ptr, a_rows_ptr, y_rows_ptr, scale_ptr, act_ptr,
     P, N, K, E,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-    GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr, SCALE: tl.constexpr, COPY_A: tl.constexpr, EP: tl.constexpr,
+    GATHER_A: tl.constexpr, SCATTER_Y: tl.constexpr, SCALE: tl.constexpr, GLU: tl.constexpr, EP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -96,25 +105,29 @@ def _gmm_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     w_ptrs = w_ptr + e.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    if SCALE or COPY_A:
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if COPY_A:  # the first N tile also writes scale * A[a_rows] in sorted order, for a later wgrad
-        copy_ptrs = a_copy_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GLU:  # W has 2N columns: gate half [0, N), up half [N, 2N); this tile computes both
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = ks < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & (cols[None, :] < N), other=0.0)
         acc = tl.dot(a.to(w.dtype), w, acc)
-        if COPY_A:
-            if tile_n == 0:
-                tl.store(copy_ptrs, (a.to(tl.float32) * scale[:, None]).to(a_copy_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & k_ok[None, :])
-            copy_ptrs += BLOCK_K
+        if GLU:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & (cols[None, :] < N), other=0.0)
+            acc_up = tl.dot(a.to(w.dtype), w_up, acc_up)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    if GLU:  # store h = [gate | up] for the backward, and act = g(gate) * up for the next GEMM
+        out_ok = row_ok[:, None] & (cols[None, :] < N)
+        h_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(h_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(h_ptrs + N * stride_yn, acc_up.to(y_ptr.dtype.element_ty), mask=out_ok)
+        act = glu_gate(acc.to(y_ptr.dtype.element_ty).to(tl.float32), GLU == 2) * acc_up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(act_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_ok)
+        return
     if SCALE:
-        acc = acc * scale[:, None]
+        acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     if SCATTER_Y:
         y_rows = tl.load(y_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     else:
@@ -171,15 +184,12 @@ def gmm(
     out: Tensor | None = None,
     y_rows: Tensor | None = None,
     scale: Tensor | None = None,
-    a_copy_scale: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> Tensor:
     """Y[y_rows[p]] = scale[p] * (A[a_rows[p]] @ W[e(p)]) for the `num_rows` (= P) sorted rows.
 
     a (M, K) any float dtype; w (E, K, N), any strides (pass w.transpose(1, 2) for W^T);
     a_rows, y_rows (P,) int32 row maps (None: identity); scale (P,) fp32; out: the output to write
-    (rows outside the groups are left as they are), else a new (P, N) tensor of w's dtype.
-    a_copy_scale (P,) fp32: also return A_copy[p] = a_copy_scale[p] * A[a_rows[p]] (P, K) in w's
-    dtype, written by the same loads (the backward's wgrad of W2 wants the gathered, weighted dout)."""
+    (rows outside the groups are left as they are), else a new (P, N) tensor of w's dtype."""
     E, K, N = w.shape
     assert a.shape[1] == K, (a.shape, w.shape)
     if out is None:
@@ -187,19 +197,39 @@ def gmm(
     if num_rows == 0:
         return out
     dummy = offsets_E1
-    assert scale is None or a_copy_scale is None, "one row scale per call"
-    a_copy = torch.empty(num_rows, K, dtype=w.dtype, device=w.device) if a_copy_scale is not None else dummy
     grid = lambda meta: ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gmm_kernel[grid](
         a, w, out, offsets_E1,
         a_rows if a_rows is not None else dummy, y_rows if y_rows is not None else dummy,
-        scale if scale is not None else (a_copy_scale if a_copy_scale is not None else dummy), a_copy,
+        scale if scale is not None else dummy, dummy,
         num_rows, N, K, E,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        GATHER_A=a_rows is not None, SCATTER_Y=y_rows is not None, SCALE=scale is not None,
-        COPY_A=a_copy_scale is not None, EP=triton.next_power_of_2(E),
+        GATHER_A=a_rows is not None, SCATTER_Y=y_rows is not None, SCALE=scale is not None, GLU=0,
+        EP=triton.next_power_of_2(E),
     )
-    return (out, a_copy) if a_copy_scale is not None else out
+    return out
+
+
+def gmm_glu(a: Tensor, w: Tensor, offsets_E1: Tensor, num_rows: int, activation: str, *, a_rows: Tensor | None = None
+            ) -> tuple[Tensor, Tensor]:
+    """The first expert projection with the GLU in its epilogue: h = A[a_rows[p]] @ W[e(p)] (P, 2F) and
+    act = g(h[:, :F]) * h[:, F:] (P, F), both in w's dtype (act from the rounded h, as glu_fwd would).
+    One pass instead of a GEMM followed by an activation kernel that re-reads h."""
+    E, K, F2 = w.shape
+    F = F2 // 2
+    h = torch.empty(num_rows, F2, dtype=w.dtype, device=w.device)
+    act = torch.empty(num_rows, F, dtype=w.dtype, device=w.device)
+    if num_rows == 0:
+        return h, act
+    grid = lambda meta: ((triton.cdiv(num_rows, meta["BLOCK_M"]) + E) * triton.cdiv(F, meta["BLOCK_N"]),)  # noqa: E731
+    _gmm_kernel[grid](
+        a, w, h, offsets_E1, a_rows if a_rows is not None else offsets_E1, offsets_E1, offsets_E1, act,
+        num_rows, F, K, E,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2), h.stride(0), h.stride(1),
+        GATHER_A=a_rows is not None, SCATTER_Y=False, SCALE=False, GLU={"swiglu": 1, "geglu": 2}[activation],
+        EP=triton.next_power_of_2(E),
+    )
+    return h, act
 
 
 def gmm_wgrad(

@@ -2,12 +2,12 @@
 
 Same function as blocks.moe.moe_experts_ref (its PyTorch twin), computed as
     order, offsets = permute_slots(ids)              counting sort of the slots by expert
-    h   = gmm(x, W1, gather rows token[p])           (P, 2F), no gathered copy of x
-    act = glu(h)                                     (P, F)
+    h, act = gmm_glu(x, W1, gather rows token[p])   (P, 2F) and act = glu(h) (P, F) in one pass,
+                                                     no gathered copy of x
     y[slot[p]] = w_p * gmm(act, W2)                  written straight to slot order, weighted
     out = y.view(T, K, D).sum(1)                     (a view for top-1)
-Backward: da = gmm(dout, W2^T, gather token[p]); dh and the gate-weight gradients in one GLU pass;
-dW2 = act^T (w * dout[token]); dx via gmm(dh, W1^T) scattered to slot order; dW1 = x[token]^T dh.
+Backward: da = gmm(dout, W2^T, gather token[p]); dh, the gate-weight gradients and the gathered
+w * dout[token] in one GLU pass; dW2 = act^T (w * dout[token]); dx via gmm(dh, W1^T) scattered to slot order; dW1 = x[token]^T dh.
 Shapes: T tokens, K slots per token, S = T*K slots, P <= S sorted active rows, D width, F hidden.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from blocks.kernels.glu import glu_bwd, glu_fwd
-from blocks.kernels.grouped_gemm import gmm, gmm_wgrad
+from blocks.kernels.glu import glu_bwd
+from blocks.kernels.grouped_gemm import gmm, gmm_glu, gmm_wgrad
 from blocks.kernels.permute import permute_slots
 
 
@@ -28,8 +28,7 @@ class _MoEExperts(torch.autograd.Function):
         token_P = torch.div(order_P, K, rounding_mode="floor")
         w_P = weights_TK.reshape(-1).float()[order_P]
         w1, w2 = w_in.to(compute_dtype), w_out.to(compute_dtype)
-        h_PF2 = gmm(x_TD, w1, offsets_E1, num_rows, a_rows=token_P)
-        act_PF = glu_fwd(h_PF2, offsets_E1, activation)
+        h_PF2, act_PF = gmm_glu(x_TD, w1, offsets_E1, num_rows, activation, a_rows=token_P)
         # masked slots are never written: start from zeros then
         y_SD = (torch.zeros if has_mask else torch.empty)(T * K, D, dtype=x_TD.dtype, device=x_TD.device)
         gmm(act_PF, w2, offsets_E1, num_rows, out=y_SD, y_rows=order_P, scale=w_P)
@@ -44,10 +43,9 @@ class _MoEExperts(torch.autograd.Function):
         T, K, num_rows, has_mask, activation, compute_dtype, w_in_dtype, w_out_dtype, weights_dtype = ctx.meta
         dout_TD = dout_TD.contiguous()
         D = x_TD.shape[1]
-        # da = dout[token] @ W2^T, and (same loads) the gathered, weighted dout for W2's gradient
-        da_PF, wdout_PD = gmm(dout_TD, w2.transpose(1, 2), offsets_E1, num_rows, a_rows=token_P, a_copy_scale=w_P)
+        da_PF = gmm(dout_TD, w2.transpose(1, 2), offsets_E1, num_rows, a_rows=token_P)
         dw_S = torch.zeros(T * K, dtype=torch.float32, device=x_TD.device)
-        dh_PF2 = glu_bwd(h_PF2, da_PF, w_P, order_P, dw_S, offsets_E1, activation)
+        dh_PF2, wdout_PD = glu_bwd(h_PF2, da_PF, w_P, order_P, dw_S, offsets_E1, activation, dout_TD, token_P)
         dw_out = gmm_wgrad(act_PF, wdout_PD, offsets_E1, compute_dtype=compute_dtype, dtype=w_out_dtype)
         dx_SD = (torch.zeros if has_mask else torch.empty)(T * K, D, dtype=x_TD.dtype, device=x_TD.device)
         gmm(dh_PF2, w1.transpose(1, 2), offsets_E1, num_rows, out=dx_SD, y_rows=order_P)
