@@ -13,10 +13,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.conv import causal_conv1d, causal_conv1d_step
+from blocks.kernels import use_triton
+from blocks.kernels.causal_conv1d import causal_conv1d_triton
+from blocks.kernels.selective_scan import selective_scan_triton
 from blocks.mixer import Mixer
 from blocks.scan import selective_scan_chunked, selective_state_step
 
-BACKENDS = ("torch",)  # the selective-scan implementations one can pick
+# auto: Triton on CUDA, PyTorch elsewhere. mamba_ssm: its CUDA selective scan (and causal-conv1d's conv when
+# installed), an optional extra that Triton matched or beat on every shape measured so far (benchmarks/bench_scan.py).
+BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+MAMBA_SSM_HINT = "the mamba_ssm backend needs mamba-ssm (and, for its conv, causal-conv1d): pip install .[cuda]"
+
+
+def _mamba_ssm_ops():
+    """(selective_scan_fn, causal_conv1d_fn or None), imported on first use."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError as e:
+        raise ImportError(MAMBA_SSM_HINT) from e
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        causal_conv1d_fn = None
+    return selective_scan_fn, causal_conv1d_fn
 
 
 @dataclass
@@ -31,8 +50,8 @@ class MambaConfig:
     dt_scale: float = 1.0
     conv_bias: bool = True
     bias: bool = False  # in_proj and out_proj
-    chunk_size: int = 16  # T of the chunked scan; 8-32 are about equally fast on CPU, 64 is ~25% slower
-    backend: str = "torch"
+    chunk_size: int = 16  # T of the PyTorch chunked scan; 8-32 are about equally fast on CPU, 64 is ~25% slower
+    backend: str = "auto"  # one of BACKENDS
 
     def __post_init__(self):
         sizes = dict(d_state=self.d_state, d_conv=self.d_conv, expand=self.expand, chunk_size=self.chunk_size)
@@ -51,6 +70,8 @@ class MambaConfig:
             raise ValueError(f"mamba: dt_scale must be > 0, got {self.dt_scale}")
         if self.backend not in BACKENDS:
             raise ValueError(f"mamba: unknown backend '{self.backend}'. Valid choices: {', '.join(BACKENDS)}")
+        if self.backend == "mamba_ssm":
+            _mamba_ssm_ops()  # fail at build time, with the install hint
 
 
 @dataclass
@@ -70,7 +91,8 @@ class Mamba(Mixer):
         h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,     y_t = C_t . h_t + D x_t
 
     with A = -exp(A_log) < 0 diagonal (S4D-real init, A[n] = -(n + 1)). Training and prefill run the
-    chunked parallel scan; decoding runs the recurrence one token at a time.
+    chunked parallel scan; decoding runs the recurrence one token at a time. `cfg.backend` picks the kernels
+    (see BACKENDS); auto runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere.
     """
 
     def __init__(self, d_model: int, cfg: MambaConfig):
@@ -81,6 +103,7 @@ class Mamba(Mixer):
         self.d_state, self.d_conv = cfg.d_state, cfg.d_conv
         self.dt_rank = cfg.dt_rank or math.ceil(d_model / 16)
         self.chunk_size = cfg.chunk_size
+        self.backend = cfg.backend
         E, N, R = self.d_inner, cfg.d_state, self.dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * E, bias=cfg.bias)  # -> x, z
@@ -113,21 +136,40 @@ class Mamba(Mixer):
         # the dt bias is added in fp32 inside the scan, before the softplus
         return F.linear(dt, self.dt_proj.weight), B, C, -torch.exp(self.A_log.float())
 
+    def _backend(self, x: Tensor) -> str:
+        if self.backend == "auto":
+            return "triton" if use_triton(x) else "torch"
+        return self.backend
+
+    def _conv(self, x_BEL: Tensor, cache: MambaCache | None, backend: str) -> Tensor:
+        """SiLU(causal depthwise conv(x)); the fused kernels take the training path, the reference the cache."""
+        if cache is None and backend != "torch":
+            conv_fn = _mamba_ssm_ops()[1] if backend == "mamba_ssm" else None
+            if conv_fn is not None:
+                return conv_fn(x_BEL, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+            return causal_conv1d_triton(x_BEL, self.conv1d.weight[:, 0], self.conv1d.bias, silu=True)
+        return F.silu(causal_conv1d(x_BEL, self.conv1d, None if cache is None else cache.conv_state))
+
     def forward(self, x_BLD: Tensor, cache: MambaCache | None = None) -> Tensor:
+        backend = self._backend(x_BLD)
         x_BLE, z_BLE = self.in_proj(x_BLD).chunk(2, dim=-1)
-        x_BEL = x_BLE.transpose(1, 2)
-        x_BEL = F.silu(causal_conv1d(x_BEL, self.conv1d, None if cache is None else cache.conv_state))
+        x_BEL = self._conv(x_BLE.transpose(1, 2), cache, backend)
 
         dt_BLE, B_BLN, C_BLN, A_EN = self._ssm_inputs(x_BEL.transpose(1, 2))
-        y_BEL, state_BEN = selective_scan_chunked(
-            x_BEL, dt_BLE.transpose(1, 2), A_EN, B_BLN.transpose(1, 2), C_BLN.transpose(1, 2),
-            D=self.D.float(), z=z_BLE.transpose(1, 2),
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            initial_state=None if cache is None else cache.ssm_state,
-            return_last_state=True, chunk_size=self.chunk_size,
-        )
-        if cache is not None:
-            cache.ssm_state.copy_(state_BEN)
+        args = (x_BEL, dt_BLE.transpose(1, 2), A_EN, B_BLN.transpose(1, 2), C_BLN.transpose(1, 2))
+        kw = dict(D=self.D.float(), z=z_BLE.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        if backend == "mamba_ssm" and cache is None:  # its scan takes no initial state
+            y_BEL = _mamba_ssm_ops()[0](*args, **kw)
+        else:
+            initial_state = None if cache is None else cache.ssm_state
+            if backend == "torch":
+                y_BEL, state_BEN = selective_scan_chunked(
+                    *args, **kw, initial_state=initial_state, return_last_state=True, chunk_size=self.chunk_size
+                )
+            else:
+                y_BEL, state_BEN = selective_scan_triton(*args, **kw, initial_state=initial_state, return_last_state=True)
+            if cache is not None:
+                cache.ssm_state.copy_(state_BEN)
         return self.out_proj(y_BEL.transpose(1, 2))
 
     def step(self, x_BD: Tensor, cache: MambaCache) -> Tensor:

@@ -152,7 +152,7 @@ def test_parameter_count(d_model, expected):
 @pytest.mark.parametrize(
     "d_model, kw, match",
     [
-        (16, dict(backend="triton"), r"unknown backend 'triton'. Valid choices: torch"),
+        (16, dict(backend="cuda"), r"unknown backend 'cuda'. Valid choices: auto, torch, triton, mamba_ssm"),
         (0, {}, "d_model must be >= 1"),
         (16, dict(d_state=0), "d_state must be a positive integer"),
         (16, dict(d_conv=-1), "d_conv must be a positive integer"),

@@ -1,0 +1,139 @@
+"""Triton causal depthwise conv1d with bias and SiLU fused, forward and backward; twin of blocks/conv.py.
+
+    y[c, t] = act(bias[c] + sum_k w[c, k] x[c, t - K + 1 + k]),   zeros before t = 0,   act = SiLU or identity
+
+Shapes: x (B, C, L) with any strides (the mixer passes a view of in_proj's (B, L, 2C) output), w (C, K),
+bias (C,). The output is laid out (B, L, C) when x is channels-last, so the next matmul reads it in place.
+One program per (batch, BLOCK_L steps, BLOCK_C channels); the K shifted input tiles come from cache.
+
+Backward, per output position t: dpre_s = dy_s act'(pre_s) for s = t .. t + K - 1 (pre recomputed, not
+stored), dx_t = sum_j w[K-1-j] dpre_{t+j}; dw and dbias as per-(batch, time block) fp32 partials,
+summed afterwards (deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from blocks.kernels import interpreting
+
+
+@triton.jit
+def _pre(x_ptr, w_ptr, bias, s, c, s_ok, c_ok, L, s_xl, s_xc, s_wc, s_wk, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The pre-activation at positions s (BLOCK_L,) and channels c (BLOCK_C,), fp32 (BLOCK_L, BLOCK_C)."""
+    acc = tl.zeros([s.shape[0], c.shape[0]], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += bias[None, :]
+    for k in tl.static_range(K):
+        src = s - (K - 1) + k
+        ok = ((src >= 0) & (src < L) & s_ok)[:, None] & c_ok[None, :]
+        xk = tl.load(x_ptr + src[:, None] * s_xl + c[None, :] * s_xc, mask=ok, other=0.0).to(tl.float32)
+        acc += xk * tl.load(w_ptr + c * s_wc + k * s_wk, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, C, L,
+    s_xb, s_xc, s_xl, s_yb, s_yc, s_yl, s_wc, s_wk,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_ok, c_ok = t < L, c < C
+    bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
+    y = _pre(x_ptr + b * s_xb, w_ptr, bias, t, c, t_ok, c_ok, L, s_xl, s_xc, s_wc, s_wk, K, HAS_BIAS)
+    if SILU:
+        y *= tl.sigmoid(y)
+    ok = t_ok[:, None] & c_ok[None, :]
+    tl.store(y_ptr + b * s_yb + t[:, None] * s_yl + c[None, :] * s_yc, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, C, L,
+    s_xb, s_xc, s_xl, s_gb, s_gc, s_gl, s_dxb, s_dxc, s_dxl, s_wc, s_wk,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx (B, C, L); fp32 partials dw (B * n_lblocks, C, K) and db (B * n_lblocks, C)."""
+    pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    t_ok, c_ok = t < L, c < C
+    bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
+    x_ptr += b * s_xb
+    dy_ptr += b * s_gb
+    dx = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+    for j in tl.static_range(K):  # the output at t + j saw x_t through w[K - 1 - j]
+        s = t + j
+        s_ok = s < L
+        dpre = tl.load(dy_ptr + s[:, None] * s_gl + c[None, :] * s_gc, mask=s_ok[:, None] & c_ok[None, :], other=0.0)
+        dpre = dpre.to(tl.float32)
+        if SILU:
+            pre = _pre(x_ptr, w_ptr, bias, s, c, s_ok, c_ok, L, s_xl, s_xc, s_wc, s_wk, K, HAS_BIAS)
+            sig = tl.sigmoid(pre)
+            dpre *= sig * (1.0 + pre * (1.0 - sig))
+        dx += dpre * tl.load(w_ptr + c * s_wc + (K - 1 - j) * s_wk, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        if j == 0:  # this block's own outputs: their weight and bias gradients
+            part = (b * tl.num_programs(0) + pid_l) * C + c
+            if HAS_BIAS:
+                tl.store(db_ptr + part, tl.sum(dpre, 0), mask=c_ok)
+            for k in tl.static_range(K):
+                src = t - (K - 1) + k
+                ok = ((src >= 0) & t_ok)[:, None] & c_ok[None, :]
+                xk = tl.load(x_ptr + src[:, None] * s_xl + c[None, :] * s_xc, mask=ok, other=0.0).to(tl.float32)
+                tl.store(dw_ptr + part * K + k, tl.sum(dpre * xk, 0), mask=c_ok)
+    ok = t_ok[:, None] & c_ok[None, :]
+    tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxl + c[None, :] * s_dxc, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _blocks() -> tuple[int, int]:
+    return (8, 4) if interpreting() else (64, 64)
+
+
+def _like_channels_last(x: Tensor) -> Tensor:
+    """An empty (B, C, L) tensor laid out (B, L, C) if x is contiguous along C, else (B, C, L)."""
+    Bsz, C, L = x.shape
+    if x.stride(1) == 1 and L > 1:
+        return x.new_empty(Bsz, L, C).transpose(1, 2)
+    return x.new_empty(Bsz, C, L)
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, silu):
+        Bsz, C, L = x.shape
+        K = w.shape[1]
+        BL, BC = _blocks()
+        y = _like_channels_last(x)
+        _conv_fwd_kernel[(triton.cdiv(L, BL), triton.cdiv(C, BC), Bsz)](
+            x, w, bias, y, C, L, *x.stride(), *y.stride(), *w.stride(),
+            K=K, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BL, BLOCK_C=BC,
+        )
+        ctx.save_for_backward(x, w, bias)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, bias = ctx.saved_tensors
+        Bsz, C, L = x.shape
+        K = w.shape[1]
+        BL, BC = _blocks()
+        n_l = triton.cdiv(L, BL)
+        dx = _like_channels_last(x)
+        dw = torch.empty(Bsz * n_l, C, K, device=x.device, dtype=torch.float32)
+        db = torch.empty(Bsz * n_l, C, device=x.device, dtype=torch.float32) if bias is not None else None
+        _conv_bwd_kernel[(n_l, triton.cdiv(C, BC), Bsz)](
+            x, w, bias, dy, dx, dw, db, C, L, *x.stride(), *dy.stride(), *dx.stride(), *w.stride(),
+            K=K, HAS_BIAS=bias is not None, SILU=ctx.silu, BLOCK_L=BL, BLOCK_C=BC,
+        )
+        return dx, dw.sum(0).to(w.dtype), None if db is None else db.sum(0).to(bias.dtype), None
+
+
+def causal_conv1d_triton(x_BCL: Tensor, weight_CK: Tensor, bias_C: Tensor | None = None, silu: bool = False) -> Tensor:
+    """act(causal depthwise conv(x) + bias) as `blocks.conv.causal_conv1d` (then SiLU if silu), any K."""
+    return _CausalConv1d.apply(x_BCL, weight_CK, bias_C, silu)

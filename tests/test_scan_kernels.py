@@ -1,0 +1,137 @@
+"""Triton kernels of the Mamba-1 mixer (selective scan, causal conv) against their PyTorch twins, on the CPU
+through Triton's interpreter: fp32, tiny shapes, lengths that are not a multiple of the chunk, channel and
+state counts that are not a multiple of the block, forward and every gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blocks.conv import causal_conv1d
+from blocks.kernels import force_triton
+from blocks.kernels.causal_conv1d import causal_conv1d_triton
+from blocks.kernels.selective_scan import ScanTiles, selective_scan_triton
+from blocks.mamba import Mamba, MambaConfig
+from blocks.scan import selective_scan_ref
+from tests.test_mamba import extras, scan_inputs
+
+# 5 channels in blocks of 4 and d_state 3 padded to 4: masked lanes; chunks of 4 forward, 8 backward
+TILES = ScanTiles(4, 4, 1, 8, 4, 1)
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+
+
+def run_scan(fn, inputs, with_extras, **kw):
+    """y, last state and the gradient of every input of a loss that uses both outputs."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    u, delta, A, B, C, *rest = leaves
+    y, last = fn(u, delta, A, B, C, return_last_state=True, **(extras(*rest) if with_extras else {}), **kw)
+    (y.sin().sum() + last.cos().sum()).backward()
+    used = leaves if with_extras else leaves[:5]
+    return [y, last] + [t.grad for t in used]
+
+
+@pytest.mark.parametrize("length", [1, 6, 13, 16])
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_scan_matches_ref(length, with_extras):
+    inputs = scan_inputs(batch=2, d_inner=5, d_state=3, length=length, seed=length)
+    expected = run_scan(selective_scan_ref, inputs, with_extras)
+    got = run_scan(selective_scan_triton, inputs, with_extras, tiles=TILES)
+    for name, g, e in zip(["y", "last"] + NAMES, got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_scan_without_softplus_or_state_gradient():
+    # delta used as given (no bias, no softplus); only y is used, so the last state gets no gradient
+    u, delta, A, B, C, D, z, *_ = scan_inputs(batch=1, d_inner=4, d_state=2, length=9, seed=5)
+    grads = []
+    for fn, kw in ((selective_scan_ref, {}), (selective_scan_triton, dict(tiles=TILES))):
+        leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z)]
+        fn(*leaves[:5], D=leaves[5], z=leaves[6], **kw).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_layouts_and_dtypes():
+    # (B, L, D) views, as the mixer passes them, give the same result and a (B, L, D)-laid-out output
+    u, delta, A, B, C, D, z, bias, _ = scan_inputs(batch=2, d_inner=5, d_state=3, length=11, seed=7)
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta, B, C, z)]
+    y_ref = selective_scan_ref(u, delta, A, B, C, D, z, bias, True)
+    y = selective_scan_triton(*views[:2], A, *views[2:4], D, views[4], bias, True, tiles=TILES)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert y.stride(1) == 1
+    half = [t.half() for t in (u, delta, B, C, z)]
+    y16 = selective_scan_triton(*half[:2], A, *half[2:4], D, half[4], bias, True, tiles=TILES)
+    assert y16.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_scan_strong_decay_is_finite():
+    u, delta, A, B, C, *_ = scan_inputs(batch=1, d_inner=4, d_state=4, length=20, seed=3)
+    delta, A = delta * 50 + 5, A * 4  # sum of delta * A about -1e4 within a chunk
+    got = run_scan(selective_scan_triton, (u, delta, A, B, C), False, tiles=TILES)
+    expected = run_scan(selective_scan_ref, (u, delta, A, B, C), False)
+    assert all(torch.isfinite(t).all() for t in got)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_bad_tiles_raise():
+    u, delta, A, B, C, *_ = scan_inputs()
+    with pytest.raises(ValueError, match="multiple of the forward"):
+        selective_scan_triton(u, delta, A, B, C, tiles=ScanTiles(8, 4, 1, 4, 4, 1))
+
+
+@pytest.mark.parametrize(
+    "K, length, bias, silu, channels_last", [(4, 13, True, True, True), (4, 10, True, False, False), (3, 5, False, True, False), (1, 9, True, True, True)]
+)
+def test_conv_matches_ref(K, length, bias, silu, channels_last):
+    torch.manual_seed(K + length)
+    conv = nn.Conv1d(6, 6, K, groups=6, padding=K - 1, bias=bias)
+    x = torch.randn(2, length, 6).transpose(1, 2) if channels_last else torch.randn(2, 6, length)
+    x.requires_grad_()
+    params = [x, conv.weight] + ([conv.bias] if bias else [])
+    y_ref = causal_conv1d(x, conv)
+    y_ref = F.silu(y_ref) if silu else y_ref
+    gy = torch.randn_like(y_ref)
+    expected = [y_ref, *torch.autograd.grad(y_ref, params, gy)]
+    y = causal_conv1d_triton(x, conv.weight[:, 0], conv.bias, silu=silu)
+    got = [y, *torch.autograd.grad(y, params, gy)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert (y.stride(1) == 1) == channels_last
+
+
+def test_mixer_triton_backend_matches_torch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 8)
+    outs = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(1)
+        mixer = Mamba(8, MambaConfig(d_state=3, backend=backend))  # d_inner 16
+        x_ = x.clone().requires_grad_()
+        y = mixer(x_)
+        y.square().sum().backward()
+        outs.append([y, x_.grad] + [p.grad for p in mixer.parameters()])
+    for t, r in zip(*outs):
+        torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_backend_runs_triton_when_forced():
+    torch.manual_seed(1)
+    mixer = Mamba(8, MambaConfig(d_state=3))
+    assert mixer.backend == "auto" and mixer._backend(torch.zeros(1)) == "torch"
+    with force_triton():
+        assert mixer._backend(torch.zeros(1)) == "triton"
+
+
+def test_mamba_ssm_backend_without_the_package_says_how_to_install():
+    pytest.importorskip("triton")
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install \.\[cuda\]"):
+            Mamba(8, MambaConfig(backend="mamba_ssm"))
+    else:
+        pytest.skip("mamba-ssm is installed")
