@@ -79,6 +79,16 @@ def test_topk_gate_is_finite_for_extreme_logits(gate):
     torch.testing.assert_close(logits_TE.gather(1, out.expert_ids_TK), logits_TE.topk(k, dim=-1).values)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter reduces NaNs with numpy
+def test_kernels_give_valid_distinct_experts_for_nan_logits():
+    logits_TE = torch.randn(6, 5)
+    logits_TE[1] = float("nan")
+    logits_TE[3, 2] = float("nan")
+    for ids_TK in (topk_gate(logits_TE, 3).expert_ids_TK, sinkhorn_topk(logits_TE, 3)):
+        assert ((ids_TK >= 0) & (ids_TK < 5)).all()
+        assert all(len(set(row)) == 3 for row in ids_TK.tolist())
+
+
 SINKHORN_CASES = [  # T, E, k, temperature, n_iters
     (64, 1, 1, 0.5, 8),
     (100, 3, 2, 0.5, 8),

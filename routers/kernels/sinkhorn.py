@@ -123,16 +123,17 @@ def sinkhorn_topk(logits_TE: Tensor, k: int, temperature: float = 0.5, n_iters: 
     rows_per_program = triton.cdiv(triton.cdiv(T, BLOCK_T), _MAX_PROGRAMS) * BLOCK_T
     P = triton.cdiv(T, rows_per_program)
     CHUNK_P = min(max(4096 // BLOCK_E, 1), triton.next_power_of_2(P))
-    lse_2PE = torch.empty(2, P, E, dtype=torch.float32, device=logits_TE.device)  # ping-pong partials
+    lse_in_PE, lse_out_PE = torch.empty(2, P, E, dtype=torch.float32, device=logits_TE.device)  # ping-pong
     log_T, log_E = math.log(T), math.log(E)
     for i in range(n_iters + 1):
         _sinkhorn_step[(P,)](
-            logits_TE, lse_2PE[(i + 1) % 2], lse_2PE[i % 2], T, E, P, rows_per_program, temperature, log_T, log_E,
+            logits_TE, lse_in_PE, lse_out_PE, T, E, P, rows_per_program, temperature, log_T, log_E,
             FIRST=i == 0, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, CHUNK_P=CHUNK_P,
         )
+        lse_in_PE, lse_out_PE = lse_out_PE, lse_in_PE
     ids_TK = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
     _sinkhorn_select[(triton.cdiv(T, BLOCK_T),)](
-        logits_TE, lse_2PE[n_iters % 2], ids_TK, T, E, P, temperature, log_E,
+        logits_TE, lse_in_PE, ids_TK, T, E, P, temperature, log_E,
         K=k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(k), CHUNK_P=CHUNK_P,
     )
     return ids_TK

@@ -25,9 +25,11 @@ from routers.topk import GATES, Gate
 
 @triton.jit
 def _select(score_TE, free_TE, e_E, BLOCK_E: tl.constexpr):
-    """The highest free score of each row, ties to the lower index: (pick_T, hit_TE, free_TE after)."""
+    """The highest free score of each row, ties to the lower index: (pick_T, hit_TE, free_TE after).
+    A row with no comparable score (NaN) takes its lowest free expert, so ids stay valid and distinct."""
     best_T = tl.max(tl.where(free_TE, score_TE, float("-inf")), axis=1)
     pick_T = tl.min(tl.where(free_TE & (score_TE == best_T[:, None]), e_E[None, :], BLOCK_E), axis=1)
+    pick_T = tl.where(pick_T < BLOCK_E, pick_T, tl.min(tl.where(free_TE, e_E[None, :], BLOCK_E), axis=1))
     hit_TE = e_E[None, :] == pick_T[:, None]
     return pick_T, hit_TE, free_TE & (e_E[None, :] != pick_T[:, None])
 
