@@ -14,7 +14,7 @@ Only products of decays in (0, 1] are formed, so no exp(+cumsum) can overflow.
 
 Backward: the forward saves the state at every chunk start (B, L / CHUNK, D, N) fp32, 1/CHUNK of the
 (B, D, N, L) states; the backward walks the chunks right to left, recomputes a chunk's states from its
-saved start, and runs the adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} as a reverse associative scan (a_{t+1}
+saved start, and runs the adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} as a scan of the time-reversed chunk (a_{t+1}
 from delta loaded one step ahead, a second exp rather than a register shift). Gradients:
     dx_t = g_t -> du, ddelta, dB;   d(delta_t A) = g_t a_t h_{t-1} = g_t (h_t - x_t) -> ddelta, dA;   dC from h_t gy_t.
 Reductions are deterministic: dA, dD, d delta_bias as per-batch partials, dB and dC as per-channel-block
@@ -230,11 +230,12 @@ def _scan_bwd_kernel(
             du = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
         tl.store(dC_ptr + part_offs + l[:, None], tl.sum(hs * gy[:, None, :], 2), mask=tn_ok)
 
-        # adjoint states g_t = C_t gy_t + a_{t+1} g_{t+1}, right to left, continuing from the chunk to the right
-        gp, gs = tl.associative_scan(
-            (_exp2(dt_next[:, None, :] * A2[None, :, :], FAST), gy[:, None, :] * Ct[:, :, None]), 0, _combine,
-            reverse=True,
-        )
+        # adjoint states g_t = C_t gy_t + a_{t+1} g_{t+1}, right to left, continuing from the chunk to the right:
+        # a forward scan of the time-reversed chunk (flips within a thread's registers cost nothing, whereas
+        # Triton lowers reverse=True with warp shuffles even along an axis held in-thread)
+        a_next = tl.flip(_exp2(dt_next[:, None, :] * A2[None, :, :], FAST), 0)
+        gp, gs = tl.associative_scan((a_next, tl.flip(gy[:, None, :] * Ct[:, :, None], 0)), 0, _combine)
+        gp, gs = tl.flip(gp, 0), tl.flip(gs, 0)
         gs += gp * g[None, :, :]
         g = _at(gs, t, 0)
 
