@@ -311,6 +311,29 @@ def mixer_timings():
 
 
 @section
+def step_timings():
+    """One decoding step of the mixer (conv state shift, conv, SiLU, projections, SSM update, gating)."""
+    d_model = 1152 if not SMOKE else 8
+    for Bsz in (1, 64) if not SMOKE else (2,):
+        x = torch.randn(Bsz, d_model, device=dev, dtype=bf16)
+        log(f" step d_model {d_model} batch {Bsz}")
+        for backend in ("triton", "torch"):
+            m = Mamba(d_model, MambaConfig(backend=backend)).to(dev, bf16).eval()
+            cache = m.allocate_cache(Bsz, 1)
+            with torch.no_grad():
+                timeit(f"ours backend={backend} step", lambda: m.step(x, cache), shape=f"step B{Bsz}",
+                       impl=f"ours backend={backend}", pass_="step")
+        if selective_scan_fn is not None:
+            from mamba_ssm.modules.mamba_simple import Mamba as MambaSSM
+
+            theirs = MambaSSM(d_model=d_model, d_state=16, d_conv=4, expand=2).to(dev, bf16).eval()
+            conv_state, ssm_state = theirs.allocate_inference_cache(Bsz, 1, dtype=bf16)
+            with torch.no_grad():
+                timeit("mamba_ssm Mamba.step", lambda: theirs.step(x[:, None], conv_state, ssm_state),
+                       shape=f"step B{Bsz}", impl="mamba_ssm Mamba.step", pass_="step")
+
+
+@section
 def summary():
     log("\n== summary: median ms (ratio = mamba_ssm / ours: above 1 means ours is faster)")
     rows: dict = {}

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from blocks.conv import causal_conv1d, causal_conv1d_step
 from blocks.kernels import use_triton
-from blocks.kernels.causal_conv1d import causal_conv1d_triton
+from blocks.kernels.causal_conv1d import causal_conv1d_step_triton, causal_conv1d_triton
 from blocks.kernels.selective_scan import selective_scan_triton
+from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mixer import Mixer
 from blocks.scan import selective_scan_chunked, selective_state_step
 
@@ -173,11 +174,15 @@ class Mamba(Mixer):
         return self.out_proj(y_BEL.transpose(1, 2))
 
     def step(self, x_BD: Tensor, cache: MambaCache) -> Tensor:
+        fused = self._backend(x_BD) != "torch"  # decoding runs our step kernels for triton and mamba_ssm alike
         x_BE, z_BE = self.in_proj(x_BD).chunk(2, dim=-1)
-        x_BE = F.silu(causal_conv1d_step(x_BE, self.conv1d, cache.conv_state))
+        if fused:
+            x_BE = causal_conv1d_step_triton(x_BE, cache.conv_state, self.conv1d.weight[:, 0], self.conv1d.bias, silu=True)
+        else:
+            x_BE = F.silu(causal_conv1d_step(x_BE, self.conv1d, cache.conv_state))
 
         dt_BE, B_BN, C_BN, A_EN = self._ssm_inputs(x_BE)
-        y_BE = selective_state_step(
+        y_BE = (selective_state_step_triton if fused else selective_state_step)(
             cache.ssm_state, x_BE, dt_BE, A_EN, B_BN, C_BN, D=self.D.float(), z=z_BE,
             dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
         )

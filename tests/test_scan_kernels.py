@@ -1,4 +1,4 @@
-"""Triton kernels of the Mamba-1 mixer (selective scan, causal conv) against their PyTorch twins, on the CPU
+"""Triton kernels of the Mamba-1 mixer (selective scan, causal conv, decoding steps) against their PyTorch twins, on the CPU
 through Triton's interpreter: fp32, tiny shapes, lengths that are not a multiple of the chunk, channel and
 state counts that are not a multiple of the block, forward and every gradient."""
 from __future__ import annotations
@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blocks.conv import causal_conv1d
+from blocks.conv import causal_conv1d, causal_conv1d_step
 from blocks.kernels import force_triton
-from blocks.kernels.causal_conv1d import causal_conv1d_triton
+from blocks.kernels.causal_conv1d import causal_conv1d_step_triton, causal_conv1d_triton
 from blocks.kernels.selective_scan import ScanTiles, selective_scan_triton
+from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaConfig
-from blocks.scan import selective_scan_ref
+from blocks.scan import selective_scan_ref, selective_state_step
 from tests.test_mamba import extras, scan_inputs
 
 # 5 channels in blocks of 4 and d_state 3 padded to 4: masked lanes; chunks of 4 forward, 8 backward
@@ -135,3 +136,38 @@ def test_mamba_ssm_backend_without_the_package_says_how_to_install():
             Mamba(8, MambaConfig(backend="mamba_ssm"))
     else:
         pytest.skip("mamba-ssm is installed")
+
+
+def test_state_step_matches_ref():
+    u, delta, A, B, C, D, z, bias, state = scan_inputs(batch=2, d_inner=5, d_state=3, length=1, seed=11)
+    args = (u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0])
+    state_ref = state.clone()
+    y_ref = selective_state_step(state_ref, *args, D=D, z=z[..., 0], dt_bias=bias, dt_softplus=True)
+    y = selective_state_step_triton(state, *args, D=D, z=z[..., 0], dt_bias=bias, dt_softplus=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("K", [4, 3])
+def test_conv_step_matches_ref(K):
+    torch.manual_seed(K)
+    conv = nn.Conv1d(6, 6, K, groups=6, padding=K - 1)
+    state = torch.randn(2, 6, K)
+    x = torch.randn(2, 6)
+    state_ref = state.clone()
+    y_ref = F.silu(causal_conv1d_step(x, conv, state_ref))
+    y = causal_conv1d_step_triton(x, state, conv.weight[:, 0], conv.bias, silu=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, state_ref)
+
+
+def test_triton_recurrent_step_matches_parallel_forward():
+    # prefill 5 tokens, then decode 4 one at a time: the same outputs as one parallel pass over all 9
+    torch.manual_seed(2)
+    mixer = Mamba(8, MambaConfig(d_state=3, backend="triton")).eval()
+    x = torch.randn(2, 9, 8)
+    with torch.no_grad():
+        y_full = mixer(x)
+        cache = mixer.allocate_cache(2, 9)
+        ys = [mixer(x[:, :5], cache)] + [mixer.step(x[:, t], cache)[:, None] for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-5, atol=1e-5)

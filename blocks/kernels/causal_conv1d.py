@@ -137,3 +137,46 @@ class _CausalConv1d(torch.autograd.Function):
 def causal_conv1d_triton(x_BCL: Tensor, weight_CK: Tensor, bias_C: Tensor | None = None, silu: bool = False) -> Tensor:
     """act(causal depthwise conv(x) + bias) as `blocks.conv.causal_conv1d` (then SiLU if silu), any K."""
     return _CausalConv1d.apply(x_BCL, weight_CK, bias_C, silu)
+
+
+@triton.jit
+def _conv_step_kernel(
+    x_ptr, state_ptr, w_ptr, b_ptr, y_ptr, C,
+    s_xb, s_xc, s_sb, s_sc, s_sk, s_yb, s_yc, s_wc, s_wk,
+    K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """state (B, C, K) <- [state[:, :, 1:], x]; y = act(state . w + bias), one program per (batch, channel block)."""
+    pid_c, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, KP)
+    c_ok = c < C
+    ck_ok = c_ok[:, None] & (k < K)[None, :]
+    state_ptr += b * s_sb
+    x = tl.load(x_ptr + b * s_xb + c * s_xc, mask=c_ok, other=0.0)
+    # shifted window: position k takes the old k + 1, the last one the new input
+    old = tl.load(state_ptr + c[:, None] * s_sc + (k + 1)[None, :] * s_sk, mask=ck_ok & (k + 1 < K)[None, :], other=0.0)
+    window = tl.where((k == K - 1)[None, :], x[:, None].to(old.dtype), old)
+    tl.store(state_ptr + c[:, None] * s_sc + k[None, :] * s_sk, window, mask=ck_ok)
+    w = tl.load(w_ptr + c[:, None] * s_wc + k[None, :] * s_wk, mask=ck_ok, other=0.0).to(tl.float32)
+    y = tl.sum(window.to(tl.float32) * w, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    if SILU:
+        y *= tl.sigmoid(y)
+    tl.store(y_ptr + b * s_yb + c * s_yc, y.to(y_ptr.dtype.element_ty), mask=c_ok)
+
+
+def causal_conv1d_step_triton(
+    x_BC: Tensor, state_BCK: Tensor, weight_CK: Tensor, bias_C: Tensor | None = None, silu: bool = False
+) -> Tensor:
+    """`blocks.conv.causal_conv1d_step` (then SiLU if silu) in one kernel; the state is updated in place."""
+    Bsz, C = x_BC.shape
+    K = weight_CK.shape[1]
+    y = torch.empty_like(x_BC)
+    BC = 4 if interpreting() else 128
+    _conv_step_kernel[(triton.cdiv(C, BC), Bsz)](
+        x_BC, state_BCK, weight_CK, bias_C, y, C,
+        *x_BC.stride(), *state_BCK.stride(), *y.stride(), *weight_CK.stride(),
+        K=K, KP=triton.next_power_of_2(K), HAS_BIAS=bias_C is not None, SILU=silu, BLOCK_C=BC,
+    )
+    return y
