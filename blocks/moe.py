@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from blocks.kernels import use_triton
 from blocks.mlp import MLP, glu_activation
-from routers import Routing, build_router, count_per_expert
+from routers import ExpertChoiceRouter, Routing, build_router, count_per_expert
+from routers.expert_choice import expert_capacity
 
 
 @dataclass
@@ -135,13 +136,19 @@ def moe_experts(
     w_in: Tensor,
     w_out: Tensor,
     activation: str,
+    max_active_slots: int | None = None,
 ) -> Tensor:
     """The experts' combined output (see moe_experts_ref): the fused Triton kernels on CUDA
-    (blocks.kernels.moe), the PyTorch reference elsewhere. Both give the same values and gradients."""
+    (blocks.kernels.moe), the PyTorch reference elsewhere. Both give the same values and gradients.
+    On an H200 the kernels measured faster than argsort + torch._grouped_mm at every benchmarked shape
+    (benchmarks/RESULTS.md), so CUDA always takes them. max_active_slots: a bound on the unmasked slots,
+    which lets the kernels size their buffers to it (expert-choice routing keeps E * capacity of T * E)."""
     if use_triton(x_TD):
         from blocks.kernels.moe import moe_experts_triton  # imports Triton, which only Linux installs
 
-        return moe_experts_triton(x_TD, expert_ids_TK, weights_TK, mask_TK, w_in, w_out, activation)
+        return moe_experts_triton(
+            x_TD, expert_ids_TK, weights_TK, mask_TK, w_in, w_out, activation, max_active_slots=max_active_slots
+        )
     return moe_experts_ref(x_TD, expert_ids_TK, weights_TK, mask_TK, w_in, w_out, activation)
 
 
@@ -225,7 +232,8 @@ class MoE(nn.Module):
             capacity = math.ceil(self.cfg.capacity_factor * B * L * self.top_k / self.num_experts)
             mask_TK = apply_capacity(routing.expert_ids_TK, routing.mask_TK, self.num_experts, capacity)
         y_TD = moe_experts(
-            x_TD, routing.expert_ids_TK, routing.weights_TK, mask_TK, self.w_in, self.w_out, self.cfg.activation
+            x_TD, routing.expert_ids_TK, routing.weights_TK, mask_TK, self.w_in, self.w_out, self.cfg.activation,
+            max_active_slots=self._max_active_slots(B * L),
         )
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -233,6 +241,14 @@ class MoE(nn.Module):
         if self.training:
             self._update_utilization(routing, mask_TK, token_ids)
         return y_TD.view(B, L, D), routing.aux_losses
+
+    def _max_active_slots(self, num_tokens: int) -> int | None:
+        # expert-choice training routes T * E slots of which only E * capacity are kept
+        if self.training and isinstance(self.router, ExpertChoiceRouter):
+            return self.num_experts * expert_capacity(
+                num_tokens, self.num_experts, self.top_k, self.router.cfg.capacity_factor
+            )
+        return None
 
     def track_tokens(self, vocab_size: int) -> None:
         """Allocate the token_expert (V x E) and token_counts (V) counters; observe_tokens then feeds them."""

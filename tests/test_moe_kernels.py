@@ -158,3 +158,21 @@ def test_moe_layer_dispatches_to_kernels_with_same_result():
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, ref in zip(grads, grads_ref):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_choice_layer_sizes_kernel_buffers_to_capacity():
+    import warnings
+
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        moe = MoE(16, MoEConfig(num_experts=4, top_k=1, router="expert_choice"), 24)
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    assert moe._max_active_slots(20) == 4 * 5  # capacity ceil(1.0 * 1 * 20 / 4) = 5 tokens per expert
+    y_ref, _ = moe(x)
+    (dx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    with force_triton():
+        y, _ = moe(x)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)

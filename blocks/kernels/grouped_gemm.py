@@ -29,11 +29,11 @@ from blocks.kernels.glu import glu_gate
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+def _configs(shapes: list[tuple[int, int, int, int, int]], **extra: int) -> list[triton.Config]:
     # the last shape is the small tile used under the interpreter, and only there
     shapes = shapes[-1:] if interpreting() else shapes[:-1]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, **extra}, num_stages=s, num_warps=w)
         for m, n, k, s, w in shapes
     ]
 
@@ -42,10 +42,11 @@ def _configs(shapes: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 GMM_CONFIGS = _configs([
     (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
     (16, 16, 16, 1, 1),
-])
+], GROUP_M=8)
 # wgrad tiles: (BLOCK_M = rows reduced per step, BLOCK_N, BLOCK_K); the output tile is BLOCK_K x BLOCK_N
 WGRAD_CONFIGS = _configs([
     (64, 128, 128, 4, 8), (64, 256, 128, 3, 8), (32, 256, 128, 4, 8), (64, 128, 128, 3, 4), (128, 128, 128, 3, 8),
+    (64, 128, 256, 3, 8), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4),
     (16, 16, 16, 1, 1),
 ])
 
@@ -143,7 +144,7 @@ def _wgrad_kernel(
     N, K, E,
     stride_am, stride_ak, stride_gm, stride_gn, stride_de, stride_dk, stride_dn,
     GATHER_A: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # one program per (expert, K tile, N tile) of dW; it reduces over the expert's rows in BLOCK_M steps
     pid = tl.program_id(0)
