@@ -106,13 +106,17 @@ def test_sinkhorn_topk_matches_reference(T, E, k, temperature, n_iters):
     torch.testing.assert_close(got, sinkhorn_topk_ref(logits_TE, k, temperature, n_iters), rtol=0, atol=0)
 
 
-def test_sinkhorn_topk_reduces_over_several_blocks_per_program(monkeypatch):
+@pytest.mark.parametrize("T,E,block_elements,programs", [
+    (160, 8, 256, 1),  # blocks of 32 tokens: one program of 5 blocks
+    (160, 8, 256, 2),  # two programs of 3 blocks, the last block empty
+    (60, 17, 128, 5),  # blocks of 4 tokens, 5 programs of 3 blocks, partials combined in two chunks of 4
+])
+def test_sinkhorn_topk_reduces_over_blocks_and_programs(monkeypatch, T, E, block_elements, programs):
     import routers.kernels.sinkhorn as fused
 
-    logits_TE = torch.randn(300, 8) * 2  # blocks of 128 tokens
-    monkeypatch.setattr(fused, "_MAX_PROGRAMS", 1)  # one program, three blocks
-    torch.testing.assert_close(sinkhorn_topk(logits_TE, 2), sinkhorn_topk_ref(logits_TE, 2), rtol=0, atol=0)
-    monkeypatch.setattr(fused, "_MAX_PROGRAMS", 2)  # two programs of two blocks, the last one empty
+    monkeypatch.setattr(fused, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(fused, "_MAX_PROGRAMS", programs)
+    logits_TE = torch.randn(T, E) * 2
     torch.testing.assert_close(sinkhorn_topk(logits_TE, 2), sinkhorn_topk_ref(logits_TE, 2), rtol=0, atol=0)
 
 

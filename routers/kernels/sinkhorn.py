@@ -11,7 +11,9 @@ tokens, so each iteration is one launch over a fixed grid of P <= 128 programs: 
 the P column partials of the previous launch into log d1 (every program redundantly, in the same
 order, which costs P * E loads and saves a separate combine launch), then scales its rows and writes the
 log-sum-exp of its rows for each column. The last launch combines the partials once more and ranks
-log K_te + log d1_e per token (the plan less the row constant log d0_t, so the same order).
+log K_te + log d1_e per token (the plan less the row constant log d0_t, so the same order), on the
+same grid. With T = 16384 and E <= 64 each program holds one block of 128 tokens, so a launch is one
+load of the partials and one of the logits (both L2-resident after the first launch).
 n_iters + 2 launches, no host synchronisation, no float atomics: the result is deterministic.
 """
 from __future__ import annotations
@@ -23,9 +25,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from blocks.kernels import interpreting
 from routers.kernels.topk_gate import _select
 
 _MAX_PROGRAMS = 128  # about one per SM of an H200; bounds the P * E combine every program repeats
+_BLOCK_ELEMENTS = 8192  # plan entries (and partials) a program holds at once
 
 
 @triton.jit
@@ -84,24 +88,26 @@ def _sinkhorn_step(
 
 @triton.jit
 def _sinkhorn_select(
-    logits_ptr, lse_ptr, ids_ptr, T, E, P, temperature, log_E,
+    logits_ptr, lse_ptr, ids_ptr, T, E, P, rows_per_program, temperature, log_E,
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_P: tl.constexpr,
 ):
     """expert_ids_TK = top-k over e of log K_te + log d1_e, ties to the lower expert index."""
-    t_T = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid = tl.program_id(0)
     e_E = tl.arange(0, BLOCK_E)
     k_K = tl.arange(0, BLOCK_K)
-    row_T = t_T < T
     col_E = e_E < E
     log_d1_E = _log_d1(lse_ptr, P, E, log_E, e_E, col_E, CHUNK_P)
-    score_TE = _load_log_k(logits_ptr, t_T, e_E, row_T, col_E, T, E, temperature) + log_d1_E[None, :]
-    free_TE = tl.broadcast_to(col_E[None, :], (BLOCK_T, BLOCK_E))
-    ids_TK = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-    for k in tl.static_range(K):
-        pick_T, _, free_TE = _select(score_TE, free_TE, e_E, BLOCK_E)
-        ids_TK = tl.where(k_K[None, :] == k, pick_T[:, None], ids_TK)
-    mask_TK = row_T[:, None] & (k_K[None, :] < K)
-    tl.store(ids_ptr + t_T[:, None] * K + k_K[None, :], ids_TK.to(tl.int64), mask=mask_TK)
+    for t0 in range(0, rows_per_program, BLOCK_T):
+        t_T = pid.to(tl.int64) * rows_per_program + t0 + tl.arange(0, BLOCK_T)
+        row_T = t_T < T
+        score_TE = _load_log_k(logits_ptr, t_T, e_E, row_T, col_E, T, E, temperature) + log_d1_E[None, :]
+        free_TE = tl.broadcast_to(col_E[None, :], (BLOCK_T, BLOCK_E))
+        ids_TK = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
+        for k in tl.static_range(K):
+            pick_T, _, free_TE = _select(score_TE, free_TE, e_E, BLOCK_E)
+            ids_TK = tl.where(k_K[None, :] == k, pick_T[:, None], ids_TK)
+        mask_TK = row_T[:, None] & (k_K[None, :] < K)
+        tl.store(ids_ptr + t_T[:, None] * K + k_K[None, :], ids_TK.to(tl.int64), mask=mask_TK)
 
 
 def sinkhorn_topk(logits_TE: Tensor, k: int, temperature: float = 0.5, n_iters: int = 8) -> Tensor:
@@ -118,22 +124,26 @@ def sinkhorn_topk(logits_TE: Tensor, k: int, temperature: float = 0.5, n_iters: 
         raise ValueError(f"n_iters must be >= 1, got {n_iters}")
     logits_TE = logits_TE.detach().contiguous()
     BLOCK_E = triton.next_power_of_2(E)
-    # about 2048 plan entries per block and 4096 partials per combine chunk
-    BLOCK_T = min(max(2048 // BLOCK_E, 1), 128, triton.next_power_of_2(T))
+    # one block of rows per program where it fits (T = 16384: 128 programs of 128 tokens for E <= 64),
+    # since the launches are latency-bound; the interpreter is fastest with few programs
+    rows = max(triton.next_power_of_2(triton.cdiv(T, _MAX_PROGRAMS)), 128 if interpreting() else 32)
+    BLOCK_T = min(rows, max(_BLOCK_ELEMENTS // BLOCK_E, 1))
     rows_per_program = triton.cdiv(triton.cdiv(T, BLOCK_T), _MAX_PROGRAMS) * BLOCK_T
     P = triton.cdiv(T, rows_per_program)
-    CHUNK_P = min(max(4096 // BLOCK_E, 1), triton.next_power_of_2(P))
+    CHUNK_P = min(max(_BLOCK_ELEMENTS // BLOCK_E, 1), triton.next_power_of_2(P))
+    num_warps = 16 if BLOCK_T * BLOCK_E >= 8192 else 8 if BLOCK_T * BLOCK_E >= 4096 else 4  # no spills on sm_90
     lse_in_PE, lse_out_PE = torch.empty(2, P, E, dtype=torch.float32, device=logits_TE.device)  # ping-pong
     log_T, log_E = math.log(T), math.log(E)
     for i in range(n_iters + 1):
         _sinkhorn_step[(P,)](
             logits_TE, lse_in_PE, lse_out_PE, T, E, P, rows_per_program, temperature, log_T, log_E,
-            FIRST=i == 0, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, CHUNK_P=CHUNK_P,
+            FIRST=i == 0, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, CHUNK_P=CHUNK_P, num_warps=num_warps,
         )
         lse_in_PE, lse_out_PE = lse_out_PE, lse_in_PE
     ids_TK = torch.empty(T, k, dtype=torch.int64, device=logits_TE.device)
-    _sinkhorn_select[(triton.cdiv(T, BLOCK_T),)](
-        logits_TE, lse_in_PE, ids_TK, T, E, P, temperature, log_E,
+    _sinkhorn_select[(P,)](
+        logits_TE, lse_in_PE, ids_TK, T, E, P, rows_per_program, temperature, log_E,
         K=k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(k), CHUNK_P=CHUNK_P,
+        num_warps=num_warps,
     )
     return ids_TK
