@@ -6,9 +6,9 @@ Shapes: x (B, C, L) with any strides (the mixer passes a view of in_proj's (B, L
 bias (C,). The output is laid out (B, L, C) when x is channels-last, so the next matmul reads it in place.
 One program per (batch, BLOCK_L steps, BLOCK_C channels); the K shifted input tiles come from cache.
 
-Backward, per output position t: dpre_s = dy_s act'(pre_s) for s = t .. t + K - 1 (pre recomputed, not
-stored), dx_t = sum_j w[K-1-j] dpre_{t+j}; dw and dbias as per-(batch, time block) fp32 partials,
-summed afterwards (deterministic).
+Backward in two kernels: dpre = dy act'(pre) (pre recomputed, not stored) with the per-(batch, time block)
+fp32 partials of dw and dbias, summed afterwards (deterministic); then dx_t = sum_j w[K-1-j] dpre_{t+j}.
+dpre takes one extra write and read in x's dtype, which keeps both kernels small (no register spills).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from blocks.kernels import interpreting
+from blocks.kernels.selective_scan import empty_like_bdl
 
 
 @triton.jit
@@ -53,53 +54,63 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
-    x_ptr, w_ptr, b_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, C, L,
-    s_xb, s_xc, s_xl, s_gb, s_gc, s_gl, s_dxb, s_dxc, s_dxl, s_wc, s_wk,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+def _conv_bwd_dpre_kernel(
+    x_ptr, w_ptr, b_ptr, dy_ptr, dpre_ptr, dw_ptr, db_ptr, C, L,
+    s_xb, s_xc, s_xl, s_gb, s_gc, s_gl, s_pb, s_pc, s_pl, s_wc, s_wk,
+    K: tl.constexpr, KP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dx (B, C, L); fp32 partials dw (B * n_lblocks, C, K) and db (B * n_lblocks, C)."""
+    """dpre = dy act'(pre) (pre recomputed), stored like dy's shape; fp32 partials dw (B * n_lblocks, C, K)
+    and db (B * n_lblocks, C) from the same K shifted input tiles."""
     pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     t_ok, c_ok = t < L, c < C
-    bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
-    x_ptr += b * s_xb
-    dy_ptr += b * s_gb
-    dx = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
-    for j in tl.static_range(K):  # the output at t + j saw x_t through w[K - 1 - j]
-        s = t + j
-        s_ok = s < L
-        dpre = tl.load(dy_ptr + s[:, None] * s_gl + c[None, :] * s_gc, mask=s_ok[:, None] & c_ok[None, :], other=0.0)
-        dpre = dpre.to(tl.float32)
-        if SILU:
-            pre = _pre(x_ptr, w_ptr, bias, s, c, s_ok, c_ok, L, s_xl, s_xc, s_wc, s_wk, K, HAS_BIAS)
-            sig = tl.sigmoid(pre)
-            dpre *= sig * (1.0 + pre * (1.0 - sig))
-        dx += dpre * tl.load(w_ptr + c * s_wc + (K - 1 - j) * s_wk, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-        if j == 0:  # this block's own outputs: their weight and bias gradients
-            part = (b * tl.num_programs(0) + pid_l) * C + c
-            if HAS_BIAS:
-                tl.store(db_ptr + part, tl.sum(dpre, 0), mask=c_ok)
-            for k in tl.static_range(K):
-                src = t - (K - 1) + k
-                ok = ((src >= 0) & t_ok)[:, None] & c_ok[None, :]
-                xk = tl.load(x_ptr + src[:, None] * s_xl + c[None, :] * s_xc, mask=ok, other=0.0).to(tl.float32)
-                tl.store(dw_ptr + part * K + k, tl.sum(dpre * xk, 0), mask=c_ok)
     ok = t_ok[:, None] & c_ok[None, :]
+    x_ptr += b * s_xb
+    dpre = tl.load(dy_ptr + b * s_gb + t[:, None] * s_gl + c[None, :] * s_gc, mask=ok, other=0.0).to(tl.float32)
+    if SILU:
+        bias = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
+        pre = _pre(x_ptr, w_ptr, bias, t, c, t_ok, c_ok, L, s_xl, s_xc, s_wc, s_wk, K, HAS_BIAS)
+        sig = tl.sigmoid(pre)
+        dpre *= sig * (1.0 + pre * (1.0 - sig))
+    part = (b * tl.num_programs(0) + pid_l) * C + c
+    kk = tl.arange(0, KP)
+    dw = tl.zeros([BLOCK_C, KP], dtype=tl.float32)
+    for k in tl.static_range(K):  # the recomputation's loads again: with no store in between, reused
+        src = t - (K - 1) + k
+        x_ok = ((src >= 0) & t_ok)[:, None] & c_ok[None, :]
+        xk = tl.load(x_ptr + src[:, None] * s_xl + c[None, :] * s_xc, mask=x_ok, other=0.0).to(tl.float32)
+        dw += tl.where((kk == k)[None, :], tl.sum(dpre * xk, 0)[:, None], 0.0)
+    tl.store(dw_ptr + part[:, None] * K + kk[None, :], dw, mask=c_ok[:, None] & (kk < K)[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + part, tl.sum(dpre, 0), mask=c_ok)
+    tl.store(dpre_ptr + b * s_pb + t[:, None] * s_pl + c[None, :] * s_pc, dpre.to(dpre_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(
+    dpre_ptr, w_ptr, dx_ptr, C, L, s_pb, s_pc, s_pl, s_dxb, s_dxc, s_dxl, s_wc, s_wk,
+    K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx_t = sum_j w[K - 1 - j] dpre_{t + j}: the output at t + j saw x_t through that tap."""
+    pid_l, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    dpre_ptr += b * s_pb
+    dx = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+    for j in tl.static_range(K):
+        s = t + j
+        ok = (s < L)[:, None] & c_ok[None, :]
+        dpre = tl.load(dpre_ptr + s[:, None] * s_pl + c[None, :] * s_pc, mask=ok, other=0.0).to(tl.float32)
+        dx += dpre * tl.load(w_ptr + c * s_wc + (K - 1 - j) * s_wk, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    ok = (t < L)[:, None] & c_ok[None, :]
     tl.store(dx_ptr + b * s_dxb + t[:, None] * s_dxl + c[None, :] * s_dxc, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 def _blocks() -> tuple[int, int]:
-    return (8, 4) if interpreting() else (64, 64)
-
-
-def _like_channels_last(x: Tensor) -> Tensor:
-    """An empty (B, C, L) tensor laid out (B, L, C) if x is contiguous along C, else (B, C, L)."""
-    Bsz, C, L = x.shape
-    if x.stride(1) == 1 and L > 1:
-        return x.new_empty(Bsz, L, C).transpose(1, 2)
-    return x.new_empty(Bsz, C, L)
+    return (8, 4) if interpreting() else (32, 64)
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -108,7 +119,7 @@ class _CausalConv1d(torch.autograd.Function):
         Bsz, C, L = x.shape
         K = w.shape[1]
         BL, BC = _blocks()
-        y = _like_channels_last(x)
+        y = empty_like_bdl(x)
         _conv_fwd_kernel[(triton.cdiv(L, BL), triton.cdiv(C, BC), Bsz)](
             x, w, bias, y, C, L, *x.stride(), *y.stride(), *w.stride(),
             K=K, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BL, BLOCK_C=BC,
@@ -123,13 +134,16 @@ class _CausalConv1d(torch.autograd.Function):
         Bsz, C, L = x.shape
         K = w.shape[1]
         BL, BC = _blocks()
-        n_l = triton.cdiv(L, BL)
-        dx = _like_channels_last(x)
-        dw = torch.empty(Bsz * n_l, C, K, device=x.device, dtype=torch.float32)
-        db = torch.empty(Bsz * n_l, C, device=x.device, dtype=torch.float32) if bias is not None else None
-        _conv_bwd_kernel[(n_l, triton.cdiv(C, BC), Bsz)](
-            x, w, bias, dy, dx, dw, db, C, L, *x.stride(), *dy.stride(), *dx.stride(), *w.stride(),
-            K=K, HAS_BIAS=bias is not None, SILU=ctx.silu, BLOCK_L=BL, BLOCK_C=BC,
+        grid = (triton.cdiv(L, BL), triton.cdiv(C, BC), Bsz)
+        dpre, dx = empty_like_bdl(x), empty_like_bdl(x)
+        dw = torch.empty(Bsz * grid[0], C, K, device=x.device, dtype=torch.float32)
+        db = torch.empty(Bsz * grid[0], C, device=x.device, dtype=torch.float32) if bias is not None else None
+        _conv_bwd_dpre_kernel[grid](
+            x, w, bias, dy, dpre, dw, db, C, L, *x.stride(), *dy.stride(), *dpre.stride(), *w.stride(),
+            K=K, KP=triton.next_power_of_2(K), HAS_BIAS=bias is not None, SILU=ctx.silu, BLOCK_L=BL, BLOCK_C=BC,
+        )
+        _conv_bwd_dx_kernel[grid](
+            dpre, w, dx, C, L, *dpre.stride(), *dx.stride(), *w.stride(), K=K, BLOCK_L=BL, BLOCK_C=BC,
         )
         return dx, dw.sum(0).to(w.dtype), None if db is None else db.sum(0).to(bias.dtype), None
 

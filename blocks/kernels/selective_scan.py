@@ -287,6 +287,15 @@ def default_tiles(d_state: int, batch_channels: int) -> ScanTiles:
     return ScanTiles(16, block_d, 4, 16, max(1, block_d // 2), 4)
 
 
+def empty_like_bdl(t: Tensor) -> Tensor:
+    """An empty (B, D, L) tensor laid out (B, L, D) if t is contiguous along D (a view of a (B, L, ·) tensor,
+    as the mixer passes them), else (B, D, L): gradients then flow back without a transposing copy."""
+    Bsz, D, L = t.shape
+    if t.stride(1) == 1 and L > 1:
+        return t.new_empty(Bsz, L, D).transpose(1, 2)
+    return t.new_empty(Bsz, D, L)
+
+
 def _strides3(t: Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else tuple(t.stride())
 
@@ -301,7 +310,7 @@ def scan_forward(
     Bsz, DIM, L = u.shape
     N = A.shape[1]
     n_chunks = triton.cdiv(L, tiles.fwd_chunk)
-    y = torch.empty_like(u)
+    y = empty_like_bdl(u)
     last = u.new_empty(Bsz, DIM, N, dtype=torch.float32)
     states = u.new_empty(Bsz, n_chunks, DIM, N, dtype=torch.float32) if save_states else None
     h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -328,8 +337,8 @@ def scan_backward(
     N = A.shape[1]
     n_blocks = triton.cdiv(DIM, tiles.bwd_block_d)
     f32 = dict(dtype=torch.float32, device=u.device)
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = None if z is None else torch.empty_like(z)
+    du, ddelta = empty_like_bdl(u), empty_like_bdl(delta)
+    dz = None if z is None else empty_like_bdl(z)
     dA = torch.empty(Bsz, DIM, N, **f32)
     dD = torch.empty(Bsz, DIM, **f32) if D is not None else None
     dbias = torch.empty(Bsz, DIM, **f32) if delta_bias is not None else None
