@@ -234,8 +234,8 @@ def scan_timings():
 def tile_sweep():
     """A few tile choices at the 1.5B shape, to pick the defaults from measurements."""
     ins = scan_inputs(8, 2048, 2304, 16) if not SMOKE else scan_inputs(1, 20, 8, 4)
-    fwd_tiles = [(16, 32, 4), (8, 32, 4), (16, 16, 4), (16, 64, 8), (32, 32, 8), (8, 64, 4)]
-    bwd_tiles = [(16, 16, 4), (8, 32, 4), (16, 32, 8), (8, 16, 2), (16, 8, 2)]
+    fwd_tiles = [(8, 16, 1), (8, 32, 2), (16, 16, 2), (16, 32, 4), (8, 32, 4), (32, 16, 4)]  # (chunk, block_d, warps)
+    bwd_tiles = [(8, 16, 2), (8, 32, 4), (16, 16, 4), (4, 32, 2), (8, 16, 4)]
     for fc, fb, fw in fwd_tiles:
         tiles = ScanTiles(fc, fb, fw, fc, 16, 4)  # only the forward runs
         try:
@@ -246,7 +246,7 @@ def tile_sweep():
         except Exception as e:  # noqa: BLE001
             log(f"  fwd {tiles} failed: {type(e).__name__}: {str(e)[:200]}")
     for bc, bb, bw in bwd_tiles:
-        tiles = ScanTiles(8, 32, 4, bc, bb, bw)
+        tiles = ScanTiles(bc, 16, 1, bc, bb, bw)
         try:
             ms = do_bench(fwd_bwd(lambda **k: selective_scan_triton(**k, delta_softplus=True, tiles=tiles), ins, GRAD_NAMES),
                           return_mode="median")

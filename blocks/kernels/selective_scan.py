@@ -70,14 +70,46 @@ def _sigmoid(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
-    """delta (fp32) at the given offsets, bias added and softplus applied; 0 where masked (an identity step).
-    Also returns the pre-softplus value, whose sigmoid is the softplus derivative."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _delta(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """delta (fp32) from its loaded tile: bias added, softplus applied, 0 where masked (an identity step);
+    and the pre-softplus value, whose sigmoid is the softplus derivative."""
+    pre = raw.to(tl.float32)
     if HAS_BIAS:
-        raw += bias[None, :]
-    dt = _softplus(raw, FAST) if SOFTPLUS else raw
-    return tl.where(mask, dt, 0.0), raw
+        pre += bias[None, :]
+    dt = _softplus(pre, FAST) if SOFTPLUS else pre
+    return tl.where(mask, dt, 0.0), pre
+
+
+@triton.jit
+def _fwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, l, d, n, L, d_ok, n_ok,
+               s_ul, s_ud, s_dl, s_dd, s_Bl, s_Bn, s_Cl, s_Cn, s_zl, s_zd, HAS_Z: tl.constexpr):
+    """The tiles of steps l (CHUNK,): u, delta, z (CHUNK, BLOCK_D) and B, C (CHUNK, N), as stored; 0 outside [0, L)."""
+    l_ok = (l >= 0) & (l < L)
+    td_ok = l_ok[:, None] & d_ok[None, :]
+    tn_ok = l_ok[:, None] & n_ok[None, :]
+    u = tl.load(u_ptr + l[:, None] * s_ul + d[None, :] * s_ud, mask=td_ok, other=0.0)
+    raw = tl.load(delta_ptr + l[:, None] * s_dl + d[None, :] * s_dd, mask=td_ok, other=0.0)
+    Bt = tl.load(B_ptr + l[:, None] * s_Bl + n[None, :] * s_Bn, mask=tn_ok, other=0.0)
+    Ct = tl.load(C_ptr + l[:, None] * s_Cl + n[None, :] * s_Cn, mask=tn_ok, other=0.0)
+    zt = tl.load(z_ptr + l[:, None] * s_zl + d[None, :] * s_zd, mask=td_ok, other=0.0) if HAS_Z else u
+    return u, raw, Bt, Ct, zt
+
+
+@triton.jit
+def _bwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dy_ptr, states_ptr, c, t, d, n, L, d_ok, n_ok, nd_ok,
+               DIM, N: tl.constexpr, CHUNK: tl.constexpr, STATE_EVERY: tl.constexpr,
+               s_ul, s_ud, s_dl, s_dd, s_Bl, s_Bn, s_Cl, s_Cn, s_zl, s_zd, s_gl, s_gd, HAS_Z: tl.constexpr):
+    """Chunk c's forward tiles, delta one step ahead, dy, and the state saved at its start (tiles 0 for c < 0)."""
+    l = c * CHUNK + t
+    u, raw, Bt, Ct, zt = _fwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, l, d, n, L, d_ok, n_ok,
+                                    s_ul, s_ud, s_dl, s_dd, s_Bl, s_Bn, s_Cl, s_Cn, s_zl, s_zd, HAS_Z)
+    ahead = ((l >= 0) & (l + 1 < L))[:, None] & d_ok[None, :]
+    raw_next = tl.load(delta_ptr + (l + 1)[:, None] * s_dl + d[None, :] * s_dd, mask=ahead, other=0.0)
+    td_ok = ((l >= 0) & (l < L))[:, None] & d_ok[None, :]
+    gy = tl.load(dy_ptr + l[:, None] * s_gl + d[None, :] * s_gd, mask=td_ok, other=0.0)
+    c_state = tl.maximum(c, 0) * STATE_EVERY  # c < 0 (past the first chunk) rereads a valid state, unused
+    h0 = tl.load(states_ptr + c_state * DIM * N + d[None, :] * N + n[:, None], mask=nd_ok, other=0.0)
+    return u, raw, raw_next, Bt, Ct, gy, zt, h0
 
 
 @triton.jit
@@ -122,14 +154,17 @@ def _scan_fwd_kernel(
     y_ptr += b * s_yb
     B_ptr += b * s_Bb
     C_ptr += b * s_Cb
+    # each iteration issues the next chunk's loads before computing this one, so their latency is hidden
+    nxt = _fwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, t, d, n, L, d_ok, n_ok,
+                     s_ul, s_ud, s_dl, s_dd, s_Bl, s_Bn, s_Cl, s_Cn, s_zl, s_zd, HAS_Z)
     for c in range(n_chunks):
+        u, raw, Bt, Ct, zt = nxt
         l = c * CHUNK + t
+        nxt = _fwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, l + CHUNK, d, n, L, d_ok, n_ok,
+                         s_ul, s_ud, s_dl, s_dd, s_Bl, s_Bn, s_Cl, s_Cn, s_zl, s_zd, HAS_Z)
         td_ok = (l < L)[:, None] & d_ok[None, :]
-        tn_ok = (l < L)[:, None] & n_ok[None, :]
-        u = tl.load(u_ptr + l[:, None] * s_ul + d[None, :] * s_ud, mask=td_ok, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(delta_ptr, bias, l[:, None] * s_dl + d[None, :] * s_dd, td_ok, HAS_BIAS, SOFTPLUS, FAST)
-        Bt = tl.load(B_ptr + l[:, None] * s_Bl + n[None, :] * s_Bn, mask=tn_ok, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + l[:, None] * s_Cl + n[None, :] * s_Cn, mask=tn_ok, other=0.0).to(tl.float32)
+        u, Bt, Ct = u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32)
+        dt, _ = _delta(raw, bias, td_ok, HAS_BIAS, SOFTPLUS, FAST)
         if SAVE_STATES:
             tl.store(states_ptr + (b * n_chunks + c) * DIM * N + d[None, :] * N + n[:, None], h, mask=nd_ok)
         a = _exp2(dt[:, None, :] * A2[None, :, :], FAST)  # (CHUNK, N, BLOCK_D)
@@ -141,7 +176,7 @@ def _scan_fwd_kernel(
         if HAS_D:
             y += u * Dv[None, :]
         if HAS_Z:
-            zt = tl.load(z_ptr + l[:, None] * s_zl + d[None, :] * s_zd, mask=td_ok, other=0.0).to(tl.float32)
+            zt = zt.to(tl.float32)
             y *= zt * _sigmoid(zt, FAST)
         tl.store(y_ptr + l[:, None] * s_yl + d[None, :] * s_yd, y.to(y_ptr.dtype.element_ty), mask=td_ok)
     if SAVE_LAST:
@@ -192,21 +227,23 @@ def _scan_bwd_kernel(
     du_ptr += b * s_dub
     ddelta_ptr += b * s_ddb
     part_offs = ((b * n_blocks + pid_d) * N + n[None, :]) * L  # (1, N): dB, dC partials (B, n_blocks, N, L)
+    states_ptr += b * n_saved * DIM * N
+    nxt = _bwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dy_ptr, states_ptr, n_chunks - 1, t, d, n, L,
+                     d_ok, n_ok, nd_ok, DIM, N, CHUNK, STATE_EVERY,
+                     s_ul, s_ud, s_dl, s_dd, s_Bl, s_Bn, s_Cl, s_Cn, s_zl, s_zd, s_gl, s_gd, HAS_Z)
     for i in range(n_chunks):
+        u, raw, raw_next, Bt, Ct, gy, zt, h0 = nxt
         c = n_chunks - 1 - i
         l = c * CHUNK + t
+        nxt = _bwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dy_ptr, states_ptr, c - 1, t, d, n, L,
+                         d_ok, n_ok, nd_ok, DIM, N, CHUNK, STATE_EVERY,
+                         s_ul, s_ud, s_dl, s_dd, s_Bl, s_Bn, s_Cl, s_Cn, s_zl, s_zd, s_gl, s_gd, HAS_Z)
         td_ok = (l < L)[:, None] & d_ok[None, :]
         tn_ok = (l < L)[:, None] & n_ok[None, :]
-        u = tl.load(u_ptr + l[:, None] * s_ul + d[None, :] * s_ud, mask=td_ok, other=0.0).to(tl.float32)
-        dt, raw = _load_delta(delta_ptr, bias, l[:, None] * s_dl + d[None, :] * s_dd, td_ok, HAS_BIAS, SOFTPLUS, FAST)
-        next_ok = (l + 1 < L)[:, None] & d_ok[None, :]  # a_L = 1: g_{L-1} = C gy + dlast
-        dt_next, _ = _load_delta(
-            delta_ptr, bias, (l + 1)[:, None] * s_dl + d[None, :] * s_dd, next_ok, HAS_BIAS, SOFTPLUS, FAST
-        )
-        Bt = tl.load(B_ptr + l[:, None] * s_Bl + n[None, :] * s_Bn, mask=tn_ok, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + l[:, None] * s_Cl + n[None, :] * s_Cn, mask=tn_ok, other=0.0).to(tl.float32)
-        gy = tl.load(dy_ptr + l[:, None] * s_gl + d[None, :] * s_gd, mask=td_ok, other=0.0).to(tl.float32)
-        h0 = tl.load(states_ptr + (b * n_saved + c * STATE_EVERY) * DIM * N + d[None, :] * N + n[:, None], mask=nd_ok, other=0.0)
+        u, Bt, Ct, gy = u.to(tl.float32), Bt.to(tl.float32), Ct.to(tl.float32), gy.to(tl.float32)
+        dt, pre = _delta(raw, bias, td_ok, HAS_BIAS, SOFTPLUS, FAST)
+        # a_{t+1} = 1 past the end: g_{L-1} = C gy + dlast
+        dt_next, _ = _delta(raw_next, bias, (l + 1 < L)[:, None] & d_ok[None, :], HAS_BIAS, SOFTPLUS, FAST)
 
         # recompute the chunk's states h_t
         dtu = dt * u
@@ -215,7 +252,7 @@ def _scan_bwd_kernel(
         )
         hs += a * h0[None, :, :]
         if HAS_Z:
-            zt = tl.load(z_ptr + l[:, None] * s_zl + d[None, :] * s_zd, mask=td_ok, other=0.0).to(tl.float32)
+            zt = zt.to(tl.float32)
             sz = _sigmoid(zt, FAST)
             y = tl.sum(hs * Ct[:, :, None], 1)
             if HAS_D:
@@ -246,7 +283,7 @@ def _scan_bwd_kernel(
         ddt = u * gB + tl.sum(w * A[None, :, :], 1)
         dA += tl.sum(w * dt[:, None, :], 0)
         if SOFTPLUS:
-            ddt *= _sigmoid(raw, FAST)
+            ddt *= _sigmoid(pre, FAST)
         ddt = tl.where(td_ok, ddt, 0.0)
         dbias += tl.sum(ddt, 0)
         tl.store(du_ptr + l[:, None] * s_dul + d[None, :] * s_dud, du.to(du_ptr.dtype.element_ty), mask=td_ok)
@@ -258,7 +295,8 @@ def _scan_bwd_kernel(
     if HAS_BIAS:
         tl.store(dbias_ptr + b * DIM + d, dbias, mask=d_ok)
     if WANT_DH0:  # d loss / d h_{-1} = a_0 g_0
-        dt0, _ = _load_delta(delta_ptr, bias, d[None, :] * s_dd, d_ok[None, :], HAS_BIAS, SOFTPLUS, FAST)
+        dt0, _ = _delta(tl.load(delta_ptr + d[None, :] * s_dd, mask=d_ok[None, :], other=0.0), bias, d_ok[None, :],
+                        HAS_BIAS, SOFTPLUS, FAST)
         tl.store(dh0_ptr + state_offs, _exp2(dt0 * A2, FAST) * g, mask=nd_ok)
 
 
@@ -275,16 +313,17 @@ class ScanTiles(NamedTuple):
 
 
 def default_tiles(d_state: int, batch_channels: int) -> ScanTiles:
-    """About 64 fp32 values of each (CHUNK, N, BLOCK_D) tile per thread in the forward and 32 in the
-    backward, which keeps more such tiles live (no register spills on sm_90 at d_state 16, checked with
-    ptxas); narrower channel blocks when batch * channels would give under 512 programs (a few per SM).
-    Tiny tiles under the interpreter."""
+    """Chunks of 8 steps, 16 channels per program (at d_state 16), one warp forward and two backward: about
+    32 fp32 values of each (CHUNK, N, BLOCK_D) tile per thread, no register spills on sm_90 (checked with
+    ptxas), and at B 8 x D 2304 about nine programs per SM, which balances well. Narrower channel blocks
+    when batch * channels would give under 512 programs (a batch of one long sequence). Tiny tiles under
+    the interpreter."""
     if interpreting():
         return ScanTiles(4, 4, 1, 8, 4, 1)
-    block_d = max(1, 512 // triton.next_power_of_2(d_state))
-    while block_d > 8 and batch_channels // block_d < 512:
+    block_d = max(4, 256 // triton.next_power_of_2(d_state))
+    while block_d > 4 and batch_channels // block_d < 512:
         block_d //= 2
-    return ScanTiles(16, block_d, 4, 16, max(1, block_d // 2), 4)
+    return ScanTiles(8, block_d, 1, 8, block_d, 2)
 
 
 def empty_like_bdl(t: Tensor) -> Tensor:
