@@ -36,14 +36,15 @@ dev, bf16 = ("cpu", torch.float16) if SMOKE else ("cuda", torch.bfloat16)  # the
 results: dict = {"env": {}, "correctness": {}, "timings": [], "sweep": [], "errors": []}
 t_start = time.time()
 
+import_errors = {}
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-except ImportError:
-    selective_scan_fn = None
+except ImportError as e:
+    selective_scan_fn, import_errors["mamba_ssm"] = None, str(e)[:300]
 try:
     from causal_conv1d import causal_conv1d_fn
-except ImportError:
-    causal_conv1d_fn = None
+except ImportError as e:
+    causal_conv1d_fn, import_errors["causal_conv1d"] = None, str(e)[:300]
 
 
 def do_bench(fn, warmup=25, rep=100, return_mode="median"):
@@ -113,9 +114,11 @@ def timeit(label, fn, rep=100, **meta) -> float:
 @section
 def env():
     p = torch.cuda.get_device_properties(0) if not SMOKE else None
-    e = dict(gpu=p.name if p else "cpu (smoke)", sms=p.multi_processor_count if p else 0, torch=torch.__version__, triton=triton.__version__,
-             cuda=torch.version.cuda, mamba_ssm=selective_scan_fn is not None, causal_conv1d=causal_conv1d_fn is not None,
-             date=time.strftime("%Y-%m-%d %H:%M:%S"), tiles_B8_D2304=list(default_tiles(16, 8 * 2304)), tiles_B1_D2304=list(default_tiles(16, 2304)))
+    e = dict(gpu=p.name if p else "cpu (smoke)", sms=p.multi_processor_count if p else 0, torch=torch.__version__,
+             triton=triton.__version__, cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d %H:%M:%S"),
+             mamba_ssm=selective_scan_fn is not None, causal_conv1d=causal_conv1d_fn is not None,
+             import_errors=import_errors, tiles_B8_D2304=list(default_tiles(16, 8 * 2304)),
+             tiles_B1_D2304=list(default_tiles(16, 2304)))
     results["env"] = e
     log(json.dumps(e))
 
