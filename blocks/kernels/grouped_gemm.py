@@ -52,6 +52,14 @@ WGRAD_CONFIGS = _configs([
 
 
 @triton.jit
+def _mapped_rows(map_ptr, rows, row_ok, MAPPED: tl.constexpr):
+    """map[rows] as int64 row indices when MAPPED, else the rows themselves."""
+    if MAPPED:
+        return tl.load(map_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def _expert_of_tile(offsets_ptr, tile_m, E, BLOCK_M: tl.constexpr, EP: tl.constexpr):
     """(expert, first row, end row) of M tile `tile_m`; expert == E for a tile past the last group."""
     e_idx = tl.arange(0, EP)
@@ -98,10 +106,7 @@ def _gmm_kernel(
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    if GATHER_A:
-        a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        a_rows = rows.to(tl.int64)
+    a_rows = _mapped_rows(a_rows_ptr, rows, row_ok, GATHER_A)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
@@ -129,10 +134,7 @@ def _gmm_kernel(
         return
     if SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    if SCATTER_Y:
-        y_rows = tl.load(y_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    else:
-        y_rows = rows.to(tl.int64)
+    y_rows = _mapped_rows(y_rows_ptr, rows, row_ok, SCATTER_Y)
     y_ptrs = y_ptr + y_rows[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < N))
 
@@ -162,10 +164,7 @@ def _wgrad_kernel(
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
-        if GATHER_A:
-            a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        else:
-            a_rows = rows.to(tl.int64)
+        a_rows = _mapped_rows(a_rows_ptr, rows, row_ok, GATHER_A)
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
         g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gm + ns[None, :] * stride_gn,
