@@ -138,8 +138,8 @@ class Mamba(Mixer):
         return F.linear(dt, self.dt_proj.weight), B, C, -torch.exp(self.A_log.float())
 
     def _backend(self, x: Tensor) -> str:
-        if self.backend == "auto":
-            return "triton" if use_triton(x) else "torch"
+        if self.backend == "auto":  # the kernels keep an fp32 state: fp64 runs stay on the reference
+            return "triton" if use_triton(x) and x.dtype != torch.float64 else "torch"
         return self.backend
 
     def _conv(self, x_BEL: Tensor, cache: MambaCache | None, backend: str) -> Tensor:

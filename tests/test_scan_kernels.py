@@ -78,10 +78,12 @@ def test_scan_strong_decay_is_finite():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_scan_bad_tiles_raise():
+def test_scan_bad_tiles_or_fp64_raise():
     u, delta, A, B, C, *_ = scan_inputs()
     with pytest.raises(ValueError, match="multiple of the forward"):
         selective_scan_triton(u, delta, A, B, C, tiles=ScanTiles(8, 4, 1, 4, 4, 1))
+    with pytest.raises(ValueError, match="fp32 state"):
+        selective_scan_triton(*(t.double() for t in (u, delta, A, B, C)))
 
 
 @pytest.mark.parametrize(

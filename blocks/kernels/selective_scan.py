@@ -447,6 +447,8 @@ def selective_scan_triton(
     """`blocks.scan.selective_scan_ref` on the Triton kernels (fp32 state; bf16, fp16 or fp32 inputs).
 
     Differentiable in every tensor input, initial_state included. `tiles` overrides `default_tiles`."""
+    if u.dtype == torch.float64:
+        raise ValueError("selective_scan_triton keeps an fp32 state; use blocks.scan for fp64")
     tiles = tiles or default_tiles(A.shape[1], u.shape[0] * u.shape[1])
     if tiles.bwd_chunk % tiles.fwd_chunk:
         raise ValueError(f"the backward's chunk must be a multiple of the forward's, got {tiles}")
