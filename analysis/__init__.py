@@ -6,6 +6,8 @@ saturation  router saturation: agreement of routing at step t with the final rou
 scaling     L(x) = a * x^(-b) + c fits (x = training FLOPs or parameters) per model family
 plots       matplotlib figures of all of the above
 report      `python -m analysis.report <run-or-experiment>`: a self-contained HTML report
+route       `python -m analysis.route ckpt=<any checkpoint> data=...`: the utilization report of a model run over
+            text without training (released and home-trained models alike)
 
 See docs/analysis.md.
 """

@@ -8,13 +8,31 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from blocks.model import LM
+from experiments import export, hf_mamba, released
 from experiments.build import build_model
 from experiments.checkpoint import CheckpointError, load_checkpoint
+from experiments.weights import WEIGHT_FILES, read_config, resolve
+
+# Folder kinds: name -> (does a config.json describe it, loader(folder, config) -> (model, info)).
+FOLDER_KINDS = {
+    export.KIND: (export.is_export, export.load_export),
+    released.KIND: (released.is_blackmamba, released.load_blackmamba),
+    hf_mamba.KIND: (hf_mamba.is_hf_mamba, hf_mamba.load_hf_mamba),
+}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[LM, dict]:
-    """The model saved in a checkpoint (loaded with weights_only=True), in eval mode, and the checkpoint."""
-    ckpt = load_checkpoint(path)
+    """The model in any supported checkpoint, in eval mode, and what describes it (run_config, vocab_size, ...).
+
+    `path`: a Lightning checkpoint of a training run (the checkpoint dict is returned with the model), or a
+    folder, a file in one, or a Hugging Face hub id holding one of FOLDER_KINDS: the platform's safetensors
+    export (experiments.export), a released Zyphra BlackMamba (experiments.released) or a Hugging Face Mamba
+    (experiments.hf_mamba). Nothing is unpickled: .ckpt and .bin files are read with weights_only=True.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file() or file.name in (*WEIGHT_FILES, "config.json") or file.suffix == ".safetensors":
+        return _load_folder(str(path), device)
+    ckpt = load_checkpoint(file)
     cfg = OmegaConf.create(ckpt["run_config"])
     model = build_model(cfg, ckpt["vocab_size"])
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
@@ -22,6 +40,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[LM
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.to(device).eval(), ckpt
+
+
+def _load_folder(ref: str, device: str | torch.device) -> tuple[LM, dict]:
+    if ref.endswith(".ckpt") and not Path(ref).expanduser().exists():
+        raise CheckpointError(f"checkpoint not found: {ref}")
+    folder = resolve(ref)
+    config = read_config(folder)
+    for kind, (describes, loader) in FOLDER_KINDS.items():
+        if describes(config):
+            model, info = loader(folder, config)
+            return model.to(device).eval(), info
+    raise CheckpointError(f"{folder}/config.json describes no checkpoint kind this platform reads "
+                          f"({', '.join(FOLDER_KINDS)})")
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None) -> Tensor:

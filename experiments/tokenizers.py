@@ -1,7 +1,8 @@
 """Tokenizers: byte-level (the default, vocab 256) and Hugging Face `tokenizers` files or hub ids.
 
-The `tokenizers` package is optional (`pip install -e '.[hf]'`) and imported only when an HF tokenizer
-is asked for.
+Any tokenizer.json works, for data (data.tokenizer=...) and generation; the released BlackMamba and Mamba
+models use GPT-NeoX's (hub id EleutherAI/gpt-neox-20b). The `tokenizers` package is optional
+(`pip install -e '.[hf]'`) and imported only when an HF tokenizer is asked for.
 """
 from __future__ import annotations
 
@@ -38,10 +39,19 @@ class HFTokenizer:
         path = Path(path_or_name).expanduser()
         if path.is_dir():
             path = path / "tokenizer.json"
+            if not path.is_file():
+                raise ValueError(f"tokenizer folder {path.parent} holds no tokenizer.json")
         if path.is_file():
-            self._tok: Any = tokenizers.Tokenizer.from_file(str(path))
+            try:
+                self._tok: Any = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:
+                raise ValueError(f"{path} is not a tokenizers tokenizer.json ({e})") from None
         else:
-            self._tok = tokenizers.Tokenizer.from_pretrained(path_or_name)
+            try:
+                self._tok = tokenizers.Tokenizer.from_pretrained(path_or_name)
+            except Exception as e:  # offline, or no such hub repository
+                raise ValueError(f"tokenizer '{path_or_name}' is no local file and could not be fetched from the "
+                                 f"Hugging Face hub ({type(e).__name__}: {e}); give a tokenizer.json path") from None
         self.name = path_or_name
         self.vocab_size: int = self._tok.get_vocab_size()
 
@@ -66,5 +76,5 @@ def _import_tokenizers() -> Any:
     try:
         import tokenizers
     except ImportError as e:
-        raise ImportError(f"{HF_EXTRA_HINT} (the 'tokenizers' package is not installed)") from e
+        raise ImportError("a tokenizer.json or hub tokenizer needs the 'tokenizers' package: pip install -e '.[hf]'") from e
     return tokenizers
