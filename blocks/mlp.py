@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Gate nonlinearity of each GLU variant. GeGLU uses the exact (erf) GELU; BlackMamba's released code runs
-# the tanh approximation, which differs by < 1e-3 per activation.
+# Gate nonlinearity of each GLU variant. GeGLU uses the exact (erf) GELU, as BlackMamba's released code does
+# (F.gelu with its default approximation).
 GLU_GATES: dict[str, Callable[[Tensor], Tensor]] = {"swiglu": F.silu, "geglu": F.gelu}
 
 
