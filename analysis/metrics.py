@@ -150,7 +150,8 @@ def top_tokens_table(token_expert_VE: np.ndarray, k: int = 8, label: Callable[[i
 def layer_summary(arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Scalar statistics of one layer's raw counters (a snapshot's <layer>/* arrays without the prefix),
     the same definitions as MoE.utilization_stats: load_cv, max_over_mean_load, load_entropy,
-    router_entropy, drop_rate, and aux_<name> for the auxiliary losses counted (given aux_names)."""
+    router_entropy, drop_rate, no_expert_rate (snapshots that count tokens_without_expert), and aux_<name> for
+    the auxiliary losses counted (given aux_names)."""
     counts = arrays["tokens_per_expert"]
     num_tokens, routed = float(arrays["num_tokens"]), float(arrays["routed_slots"])
     out = {
@@ -160,6 +161,8 @@ def layer_summary(arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
         "router_entropy": float(arrays["router_entropy_sum"]) / num_tokens if num_tokens else math.nan,
         "drop_rate": float(arrays["dropped_tokens"]) / routed if routed else math.nan,
     }
+    if "tokens_without_expert" in arrays:
+        out["no_expert_rate"] = float(arrays["tokens_without_expert"]) / num_tokens if num_tokens else math.nan
     for name, total, count in zip(arrays.get("aux_names", ()), arrays.get("aux_loss_sum", ()), arrays.get("aux_loss_count", ())):
         if count > 0:
             out[f"aux_{name}"] = float(total) / float(count)

@@ -151,8 +151,8 @@ def saturation_curves(steps: np.ndarray, agreement: Mapping[str, np.ndarray], ti
 
 def router_comparison(rows: list[dict], title: str) -> Figure:
     """Runs side by side (rows from analysis.comparison.router_rows): mean load CV over training, final load
-    CV per layer, entropies, and validation loss."""
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    CV per layer, entropies, validation loss, dropped slots and tokens, and training throughput."""
+    fig, axes = plt.subplots(2, 3, figsize=(19, 8))
     labels = [r["label"] for r in rows]
     colors = plt.cm.tab10(np.arange(len(rows)) % 10)
     ax = axes[0, 0]
@@ -184,6 +184,25 @@ def router_comparison(rows: list[dict], title: str) -> Figure:
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set(ylabel="normalised entropy (1 = uniform)", title="final entropies, mean over layers")
     ax.legend(fontsize=8, loc="upper center", ncol=2)
+
+    ax = axes[0, 2]
+    ax.bar(x - 0.2, [100 * r.get("drop_rate", np.nan) for r in rows], 0.4, label="slots dropped (capacity)",
+           color="tab:red")
+    ax.bar(x + 0.2, [100 * r.get("no_expert_rate", np.nan) for r in rows], 0.4, label="tokens no expert processed",
+           color="tab:purple")
+    ax.set_xticks(x, labels, rotation=15)
+    ax.set(ylabel="% of slots / of tokens", title="dropped, final validation interval, mean over layers")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    ax.set_ylim(0, max([100 * r.get(k, 0.0) for r in rows for k in ("drop_rate", "no_expert_rate")
+                        if np.isfinite(r.get(k, np.nan))] + [1.0]) * 1.3)
+
+    ax = axes[1, 2]
+    tps = [r.get("tokens_per_s", np.nan) for r in rows]
+    ax.bar(x, tps, 0.6, color=colors)
+    for xi, v in zip(x, tps):
+        ax.text(xi, v, f"{v:,.0f}" if np.isfinite(v) else "n/a", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, labels, rotation=15)
+    ax.set(ylabel="training tokens / s", title="throughput, mean over training")
 
     ax = axes[1, 1]
     values = [r["val"] for r in rows]

@@ -1,6 +1,10 @@
 """A report on one run (expert utilization) or on an experiment / Optuna study (router comparison, scaling).
 
     python -m analysis.report <run id | experiment | study> [--out DIR] [--tracking-uri URI] [--format html|md]
+    python -m analysis.report <experiment> --comparison    # routers side by side: one table and one figure
+
+With --comparison the runs are arms of one comparison (same model, data and token budget, different routing;
+`experiment=router_comparison` writes this report itself): the newest finished run of each arm is compared.
 
 HTML (default): one self-contained file, figures embedded as base64 PNGs. Markdown: report.md beside the PNGs.
 Either way the PNGs are also written to DIR/figures/.
@@ -20,7 +24,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from analysis import plots
-from analysis.comparison import VAL_UNITS, router_rows, val_key
+from analysis.comparison import VAL_UNITS, latest_per_arm, router_rows, val_key
 from analysis.metrics import byte_label, top_tokens_table
 from analysis.runs import (checkpoint_paths, client, find_runs, load_matrix, load_snapshots, moe_layer_names,
                            run_label, total_counters, utilization_history)
@@ -170,6 +174,77 @@ def experiment_sections(c: MlflowClient, runs: list[Run], fig_dir: Path, title: 
     return sections
 
 
+SETUP_KEYS = ("mixer.name", "model.d_model", "model.n_layers", "model.ffn_dim", "moe.num_experts", "moe.top_k",
+              "moe.granularity", "moe.capacity_factor", "data.name", "data.seq_len", "data.batch_size",
+              "trainer.max_steps", "trainer.accumulate_grad_batches", "optim.lr", "seed")
+RESULT_COLUMNS = (  # header, row key, format
+    ("load CV", "load_cv", ".3f"), ("max / mean load", "max_over_mean_load", ".2f"),
+    ("router entropy", "router_entropy", ".3f"), ("load entropy", "load_entropy", ".3f"),
+    ("slots dropped", "drop_rate", ".2%"), ("tokens without expert", "no_expert_rate", ".2%"),
+    ("tokens/s", "tokens_per_s", ",.0f"),
+)
+
+
+def _cell(value, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def comparison_sections(c: MlflowClient, runs: list[Run], fig_dir: Path, title: str) -> list[Section]:
+    """Arms of a router comparison side by side: what they share, one results table (final validation metric,
+    load balance, entropies, dropped slots and tokens, throughput) and one figure (plots.router_comparison)."""
+    rows = router_rows(c, runs)
+    if not rows:
+        raise ValueError(f"{title}: no finished run with MoE layers to compare")
+    key = rows[0]["val_key"]
+    params = {r.info.run_id: r.data.params for r in runs}
+    arm_params = [params[row["run_id"]] for row in rows]
+    options = sorted({k for p in arm_params for k in p if k.startswith(("router.", "moe.")) and k != "router.name"})
+    differing = [k for k in options if len({p.get(k) for p in arm_params}) > 1]
+
+    setup = [["setting", "value"]]
+    for k in SETUP_KEYS:
+        values = {p.get(k) for p in arm_params}
+        if values != {None}:
+            setup.append([k, values.pop() if len(values) == 1 else "differs (see the results)"])
+    tokens = {row["tokens_total"] for row in rows}
+    setup.append(["training tokens per arm", ", ".join(_cell(t, ",.0f") for t in sorted(tokens))])
+    data = {row["data"] for row in rows}
+    setup.append(["data", data.pop() if len(data) == 1 else "DIFFERS: " + " | ".join(sorted(data))])
+    same = len(tokens) == 1 and len({row["data"] for row in rows}) == 1
+    text = (f"{len(rows)} arms: the same model, data and token budget, routed differently." if same else
+            f"Careful: these {len(rows)} runs differ in data or token budget; the comparison is not like for like.")
+
+    results = [["arm", "router", "settings", "params active", f"final {key}",
+                *(header for header, _, _ in RESULT_COLUMNS)]]
+    for row, p in zip(rows, arm_params):
+        settings = ", ".join(f"{k.split('.', 1)[1]}={p.get(k)}" for k in differing if p.get(k) is not None)
+        results.append([row["label"], row["router"], settings or "-", f"{row['params_active']:,}",
+                        _cell(row["val"], ".4f"), *(_cell(row[k], spec) for _, k, spec in RESULT_COLUMNS)])
+    note = (f"Final {key} ({VAL_UNITS[key]}) on the held-out data at the end of training. Load statistics describe "
+            "the training-time routing over the last validation interval, as means over the MoE layers: load CV "
+            "(std / mean of the slots per expert, 0 = balanced), max / mean load (the busiest expert's share over "
+            "the mean: what bounds an expert-parallel step), router entropy (per token, normalised: 1 = uniform), "
+            "load entropy (of the aggregate load, normalised), slots dropped by a capacity limit, and tokens that no "
+            "expert processed (dropped entirely, or chosen by no expert under expert choice). tokens/s is the "
+            "mean training throughput over the run, measured on the machine that trained it.")
+    figure = plots.save(plots.router_comparison(rows, f"{title}: routers side by side"), fig_dir / "router_comparison.png")
+    return [Section("Setup", text, table=setup), Section("Results", note, [figure], table=results)]
+
+
+def comparison_report(ref: str, out: str | Path, tracking_uri: str | None = None, fmt: str = "md",
+                      run_ids: list[str] | None = None) -> Path:
+    """Write the router comparison of `ref` (an experiment or study: the newest finished run of each arm; or
+    exactly the runs `run_ids`) under `out`: report.md or report.html, and figures/router_comparison.png."""
+    c = client(tracking_uri)
+    runs = [c.get_run(i) for i in run_ids] if run_ids else latest_per_arm(find_runs(ref, c))
+    out = Path(out)
+    sections = comparison_sections(c, runs, out / "figures", ref)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "md":
+        return write_markdown(f"Router comparison: {ref}", sections, out / "report.md")
+    return write_html(f"Router comparison: {ref}", sections, out / "report.html")
+
+
 def _table_html(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows[1:])
@@ -238,9 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default outputs/analysis/<ref>)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db)")
     parser.add_argument("--format", choices=("html", "md"), default="html")
+    parser.add_argument("--comparison", action="store_true",
+                        help="compare the newest run of each arm (routers side by side) instead")
     args = parser.parse_args(argv)
     try:
-        path = build_report(args.ref, args.out or Path("outputs") / "analysis" / args.ref, args.tracking_uri, args.format)
+        out = args.out or Path("outputs") / "analysis" / args.ref
+        make = comparison_report if args.comparison else build_report
+        path = make(args.ref, out, args.tracking_uri, args.format)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,10 @@
 
 FLOPs count a multiply-add as 2. A training step costs 3x the forward pass (the backward computes
 gradients for both activations and weights). MoE layers count only the experts a token visits
-(top_k of num_experts), which is what makes their active parameters differ from their total.
+(top_k of num_experts, after granularity: m*K of m*E experts of width F/m), which is what makes their
+active parameters differ from their total; the router gate and shared experts are always active.
+A mixer without a rule here (a plug-in) counts its nn.Linear layers, unless it defines
+`flops_per_token(seq_len) -> float`, its whole forward FLOPs per token, which is then used instead.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ def _linear_flops(module: nn.Module) -> float:
 
 def _mixer_flops(mixer: nn.Module, seq_len: int) -> float:
     """Forward FLOPs per token of one mixer at training length seq_len (causal attention averages L/2)."""
+    if hasattr(mixer, "flops_per_token"):
+        return float(mixer.flops_per_token(seq_len))
     flops = _linear_flops(mixer)
     if isinstance(mixer, Mamba):
         d_inner, d_state = mixer.A_log.shape

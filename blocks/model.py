@@ -17,6 +17,7 @@ from blocks import MIXERS, build_mixer
 from blocks.mlp import MLP
 from blocks.moe import MoE, MoEConfig
 from blocks.registry import lookup
+from routers import Router
 
 MLP_KINDS = ("mlp", "moe")
 
@@ -167,6 +168,14 @@ class LM(nn.Module):
             for k, v in aux.items():
                 aux_total[k] = aux_total[k] + v if k in aux_total else v
         return self.head(residual), aux_total
+
+    def end_step(self) -> None:
+        """End of an optimizer step in training: every router updates the state it carries between steps
+        (`Router.end_step`: the aux-loss-free bias, the global batch's expert load). Call it once per optimizer
+        step, after the step's forward passes (the training module does)."""
+        for module in self.modules():
+            if isinstance(module, Router):
+                module.end_step()
 
     @torch.no_grad()
     def step(self, idx_B: Tensor, cache: list) -> Tensor:

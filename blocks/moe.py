@@ -26,7 +26,13 @@ class MoEConfig:
         ceil(capacity_factor * T * top_k / E) slots, first come in token order; the rest are dropped
         (the token keeps only its residual). Eval is always dropless, so that validation and
         token-by-token generation compute the same function.
-    shared_ffn_dim: width of a dense always-on MLP added to the expert output (0 = none).
+    granularity: m, fine-grained experts (DeepSeekMoE, Dai et al. 2024, sec. 3.1): each of the E experts is
+        split into m experts of width F/m, and tokens take m*K of the m*E, so total and active expert
+        parameters and FLOPs stay those of E experts of width F with top-K (m must divide F).
+    num_shared_experts: K_s always-on shared experts of the fine-grained width F/m (DeepSeekMoE sec. 3.2),
+        computed as one dense MLP of width K_s*F/m added to the routed output (0 = none).
+    shared_ffn_dim: the width of that dense shared MLP given directly instead (0 = none); set at most one
+        of the two.
     router, router_cfg: a name in routers.ROUTERS and overrides of its config dataclass."""
 
     num_experts: int = 8
@@ -35,6 +41,8 @@ class MoEConfig:
     activation: str = "swiglu"
     capacity_factor: float | None = None
     shared_ffn_dim: int = 0
+    granularity: int = 1
+    num_shared_experts: int = 0
     router: str = "sinkhorn"
     router_cfg: dict | None = None
 
@@ -155,15 +163,19 @@ def moe_experts(
 class MoE(nn.Module):
     """Mixture-of-experts MLP (BlackMamba's MoE block): y = sum_k g_k(x) * expert_{e_k}(x) [+ shared(x)].
 
-    gate: Linear(D, E) with bias giving the router logits (computed in fp32); router: the routing rule
-    (no weights); w_in (E, D, 2F), w_out (E, F, D): the experts' fused GLU projections, no biases;
-    shared: optional dense MLP. Parameters: D*E + E + E*3*D*F (+ 3*D*shared_ffn_dim).
+    With granularity m the layer has E' = m*E experts of width F' = F/m and routes K' = m*K of them per token;
+    num_experts, top_k and ffn_dim hold E', K' and F'. gate: Linear(D, E') with bias giving the router logits
+    (computed in fp32); router: the routing rule (no weights); w_in (E', D, 2F'), w_out (E', F', D): the
+    experts' fused GLU projections, no biases; shared: optional dense MLP of width S = shared_ffn_dim or
+    num_shared_experts*F'. Parameters: D*E' + E' + E'*3*D*F' (+ 3*D*S); active: the same with K' for E'
+    in the expert term (blocks.accounting).
 
     forward returns (y_BLD, aux_losses) where aux_losses are the router's, already weighted.
     Utilization counters (non-persistent buffers, updated in training only, under no_grad, on the device
     with scatter/index adds, so they never synchronise with the host):
     tokens_per_expert (slots each expert processed), dropped_tokens (slots dropped by the capacity
-    limit), routed_slots (slots the router assigned), router_entropy_sum (sum over tokens of the
+    limit), routed_slots (slots the router assigned), tokens_without_expert (tokens that no expert processed:
+    every slot dropped, or, with expert choice, chosen by none; they keep only the residual), router_entropy_sum (sum over tokens of the
     router's entropy / log E), num_tokens, router_prob_sum (E: sum over tokens of the router probability of
     each expert), coactivation (E x E: tokens whose processed experts include both i and j; the diagonal
     is tokens_per_expert), aux_loss_sum and aux_loss_count (per AUX_LOSS_NAMES: the sum of the loss, as
@@ -178,32 +190,43 @@ class MoE(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig, ffn_dim: int):
         super().__init__()
         ffn = cfg.ffn_dim if cfg.ffn_dim is not None else ffn_dim
-        E = cfg.num_experts
-        if E < 1:
-            raise ValueError(f"num_experts must be >= 1, got {E}")
-        if not 1 <= cfg.top_k <= E:
-            raise ValueError(f"top_k must be in [1, num_experts={E}], got {cfg.top_k}")
+        m = cfg.granularity
+        if cfg.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {cfg.num_experts}")
+        if not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={cfg.num_experts}], got {cfg.top_k}")
         if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {cfg.capacity_factor}")
         if d_model < 1 or ffn < 1:
             raise ValueError(f"d_model and ffn_dim must be >= 1, got d_model={d_model}, ffn_dim={ffn}")
-        if cfg.shared_ffn_dim < 0:
-            raise ValueError(f"shared_ffn_dim must be >= 0 (0 = no shared expert), got {cfg.shared_ffn_dim}")
+        if m < 1 or ffn % m:
+            raise ValueError(f"granularity must be >= 1 and divide the expert ffn_dim {ffn}, got {m}")
+        if m > 1 and cfg.router == "top1":
+            raise ValueError(f"granularity {m} routes {m * cfg.top_k} fine-grained experts per token; use router=topk")
+        if cfg.shared_ffn_dim < 0 or cfg.num_shared_experts < 0:
+            raise ValueError(f"shared_ffn_dim and num_shared_experts must be >= 0 (0 = no shared expert), got "
+                             f"{cfg.shared_ffn_dim} and {cfg.num_shared_experts}")
+        if cfg.shared_ffn_dim and cfg.num_shared_experts:
+            raise ValueError("set one of shared_ffn_dim (a width) and num_shared_experts (a count of experts of "
+                             "width ffn_dim / granularity), not both")
         glu_activation(cfg.activation)  # raises ValueError listing the valid activations
 
         self.cfg = cfg
+        E, ffn = cfg.num_experts * m, ffn // m
         self.num_experts = E
-        self.top_k = cfg.top_k
+        self.top_k = cfg.top_k * m
         self.ffn_dim = ffn
         self.gate = nn.Linear(d_model, E, bias=True)
-        self.router = build_router(cfg.router, E, cfg.top_k, cfg.router_cfg)
+        self.router = build_router(cfg.router, E, self.top_k, cfg.router_cfg)
         self.w_in = nn.Parameter(torch.empty(E, d_model, 2 * ffn))
         self.w_out = nn.Parameter(torch.empty(E, ffn, d_model))
-        self.shared = MLP(d_model, cfg.shared_ffn_dim, cfg.activation) if cfg.shared_ffn_dim > 0 else None
+        shared_width = cfg.shared_ffn_dim or cfg.num_shared_experts * ffn
+        self.shared = MLP(d_model, shared_width, cfg.activation) if shared_width > 0 else None
 
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.int64), persistent=False)
         self.register_buffer("dropped_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("routed_slots", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("tokens_without_expert", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("num_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer("router_entropy_sum", torch.zeros((), dtype=torch.float32), persistent=False)
         self.register_buffer("router_prob_sum", torch.zeros(E, dtype=torch.float32), persistent=False)
@@ -287,6 +310,7 @@ class MoE(nn.Module):
         active_TE = torch.zeros(T, E + 1, device=ids_S.device).scatter_(1, ids_S.view(T, K), 1.0)[:, :E]
         with torch.autocast(device_type=ids_S.device.type, enabled=False):
             self.coactivation += (active_TE.T @ active_TE).round().long()
+        self.tokens_without_expert += (active_TE.sum(dim=1) == 0).sum()
         for i, name in enumerate(self.AUX_LOSS_NAMES):
             if name in routing.aux_losses:
                 self.aux_loss_sum[i] += routing.aux_losses[name].detach().float()
@@ -303,9 +327,11 @@ class MoE(nn.Module):
         """Load and routing statistics since the last reset (nan where no token was seen).
 
         load_cv: std / mean of tokens_per_expert; max_over_mean_load: the busiest expert's load over the
-        mean; drop_rate: dropped / routed slots; router_entropy: mean normalised router entropy in [0, 1]
+        mean; drop_rate: dropped / routed slots; no_expert_rate: the fraction of tokens no expert processed;
+        router_entropy: mean normalised router entropy in [0, 1]
         (per token); load_entropy: entropy of the aggregate load tokens_per_expert / total, over log E;
-        aux_<name>: mean per forward call of each auxiliary loss the router produced (as weighted in the loss)."""
+        aux_<name>: mean per forward call of each auxiliary loss the router produced (as weighted in the loss);
+        and the router's own values (Router.stats, e.g. expert_bias: the aux-loss-free selection bias per expert)."""
         counts = self.tokens_per_expert.float()
         mean = counts.mean().item()
         routed = self.routed_slots.item()
@@ -318,6 +344,7 @@ class MoE(nn.Module):
             "load_cv": counts.std(correction=0).item() / mean if mean > 0 else nan,
             "max_over_mean_load": counts.max().item() / mean if mean > 0 else nan,
             "drop_rate": self.dropped_tokens.item() / routed if routed > 0 else nan,
+            "no_expert_rate": self.tokens_without_expert.item() / num_tokens if num_tokens > 0 else nan,
             "router_entropy": self.router_entropy_sum.item() / num_tokens if num_tokens > 0 else nan,
             "load_entropy": load_entropy if mean > 0 else nan,
             "num_tokens": num_tokens,
@@ -326,18 +353,19 @@ class MoE(nn.Module):
         for name, total, n in zip(self.AUX_LOSS_NAMES, sums, calls):
             if n > 0:
                 stats[f"aux_{name}"] = total / n
+        stats.update(self.router.stats())
         return stats
 
     def utilization_arrays(self) -> dict[str, Tensor]:
         """Every counter as a CPU tensor (the token counters are empty unless track_tokens was called)."""
-        names = ("tokens_per_expert", "dropped_tokens", "routed_slots", "num_tokens", "router_entropy_sum",
-                 "router_prob_sum", "coactivation", "aux_loss_sum", "aux_loss_count", "token_expert",
-                 "token_counts")
+        names = ("tokens_per_expert", "dropped_tokens", "routed_slots", "tokens_without_expert", "num_tokens",
+                 "router_entropy_sum", "router_prob_sum", "coactivation", "aux_loss_sum", "aux_loss_count",
+                 "token_expert", "token_counts")
         return {name: getattr(self, name).detach().cpu().clone() for name in names}
 
     def reset_utilization(self) -> None:
-        counters = (self.tokens_per_expert, self.dropped_tokens, self.routed_slots, self.num_tokens,
-                    self.router_entropy_sum, self.router_prob_sum, self.coactivation, self.aux_loss_sum,
-                    self.aux_loss_count, self.token_expert, self.token_counts)
+        counters = (self.tokens_per_expert, self.dropped_tokens, self.routed_slots, self.tokens_without_expert,
+                    self.num_tokens, self.router_entropy_sum, self.router_prob_sum, self.coactivation,
+                    self.aux_loss_sum, self.aux_loss_count, self.token_expert, self.token_counts)
         for buf in counters:
             buf.zero_()

@@ -7,8 +7,8 @@ and are reset after each snapshot). Layout of utilization/step_<global step, 6 d
     layers, aux_names             MoE layer names ("layer1", "layer3", ...) and MoE.AUX_LOSS_NAMES
     <layer>/<counter>             MoE.utilization_arrays(): tokens_per_expert (E), coactivation (E, E),
                                   token_expert (V, E), token_counts (V), router_prob_sum (E), aux_loss_sum and
-                                  aux_loss_count (A), and the scalars dropped_tokens, routed_slots, num_tokens,
-                                  router_entropy_sum
+                                  aux_loss_count (A), and the scalars dropped_tokens, routed_slots,
+                                  tokens_without_expert, num_tokens, router_entropy_sum
     val_token_ids                 (B, L) the first validation batch (the same tokens at every validation)
     <layer>/val_expert_ids        (B*L, K) the eval-mode experts each of those tokens was routed to
                                   (-1 for an empty slot): comparing them across steps measures router

@@ -57,6 +57,16 @@ class Router(nn.Module, ABC):
     def forward(self, logits_TE: Tensor) -> Routing:
         return self.route(logits_TE)
 
+    def end_step(self) -> None:
+        """Called once per optimizer step in training, after all of the step's forward passes (`LM.end_step`).
+        Rules that carry state from one step to the next (a selection bias, last step's load) update it
+        here; the default does nothing."""
+
+    def stats(self) -> dict[str, float | list[float]]:
+        """Values of the rule's own state to log with the layer's utilization (e.g. a per-expert bias);
+        read at validation, so it may synchronise with the host. The default has none."""
+        return {}
+
 
 def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
     """Number of entries of `expert_ids` equal to each of 0..num_experts-1 (int64).
@@ -66,6 +76,18 @@ def count_per_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
     """
     ids = expert_ids.reshape(-1)
     return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
+def balance_loss(freq_E: Tensor, probs_TE: Tensor) -> Tensor:
+    """E * sum_i f_i * P_i: f_i the given fraction of slots that went to expert i (a constant: no gradient
+    flows into it), P_i the mean router probability of expert i over the tokens of probs_TE (T, E).
+
+    With f from the same tokens this is the Switch Transformer loss (Fedus et al. 2021, eq. 4); with f from
+    a whole global batch, the global-batch loss of Qiu et al. 2025 ("Demons in the Detail", eq. 2 with
+    f synchronised over the global batch). Linear in P, so the mean of the losses of equal-sized
+    micro-batches that share one f is the loss of their union.
+    """
+    return freq_E.numel() * (freq_E.detach().to(probs_TE.dtype) * probs_TE.mean(dim=0)).sum()
 
 
 def switch_balance_loss(
@@ -79,9 +101,7 @@ def switch_balance_loss(
     """
     if counts_E is None:
         counts_E = count_per_expert(expert_ids_TK, num_experts)
-    f_E = counts_E.to(probs_TE.dtype) / expert_ids_TK.numel()
-    P_E = probs_TE.mean(dim=0)
-    return num_experts * (f_E * P_E).sum()
+    return balance_loss(counts_E / expert_ids_TK.numel(), probs_TE)
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis import metrics, plots, runs, scaling
 from analysis.comparison import router_rows
-from analysis.report import build_report, main as report_main
+from analysis.report import build_report, comparison_report, main as report_main
 from analysis.saturation import checkpoint_routing, checkpoint_saturation, snapshot_saturation
 from blocks.moe import MoE, MoEConfig
 from conftest import tiny_argv
@@ -267,6 +267,25 @@ def test_router_comparison_rows(tiny_runs, client):
     for r in rows:
         assert r["val_key"] == "val/bpb" and np.isfinite(r["val"]) and r["cv_steps"].tolist() == [2, 4, 6]
         assert 0 < r["router_entropy"] <= 1 and 0 < r["load_entropy"] <= 1
+
+
+def test_comparison_report_has_one_table_and_one_figure(tiny_runs, tmp_path, capsys):
+    path = comparison_report("routers", tmp_path, tiny_runs["uri"], fmt="md")
+    text = path.read_text()
+    assert path.name == "report.md" and text.count("![router_comparison](figures/router_comparison.png)") == 1
+    assert (tmp_path / "figures" / "router_comparison.png").stat().st_size > 20_000
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = table[table.index(next(t for t in table if t.startswith("| arm")))]
+    for column in ("final val/bpb", "load CV", "router entropy", "slots dropped", "tokens without expert", "tokens/s"):
+        assert column in header
+    rows = {line.split(" | ")[0][2:].split()[0]: line for line in table if line.split(" | ")[0][2:].split()[0] in ROUTERS}
+    assert set(rows) == set(ROUTERS)
+    assert "top_k=2" in rows["topk"] and "top_k=1" in rows["top1"]  # the setting that differs between the arms
+    # expert choice leaves some tokens to no expert; the dropless top-k routers leave none
+    assert rows["topk"].split(" | ")[10] == "0.00%" and rows["expert_choice"].split(" | ")[10] != "0.00%"
+    assert report_main(["routers", "--comparison", "--out", str(tmp_path / "html"), "--tracking-uri", tiny_runs["uri"]]) == 0
+    assert images_in((tmp_path / "html" / "report.html").read_text()) == 1
+    assert capsys.readouterr().out.strip().endswith("report.html")
 
 
 # ------------------------------------------------------------------ report

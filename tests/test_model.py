@@ -46,6 +46,26 @@ def test_flops_accounting_counts_active_experts_only():
     assert 0.9 < top1.train_flops_per_token / (6 * top1.active_params) < 1.2
 
 
+def test_fine_grained_and_shared_expert_presets_are_counted_exactly():
+    """blackmamba-1.5b with granularity 4 (32 experts of 768, top-4) and 2 shared experts of 768, by hand:
+    per MoE layer the gate grows from 1152 x 8 + 8 = 9,224 to 1152 x 32 + 32 = 36,896 (+27,672), the routed
+    experts keep their 84,934,656 parameters (10,616,832 active: 4 x 3 x 1152 x 768, one coarse expert's
+    worth) and the shared experts add 3 x 1152 x 1536 = 5,308,416, always active. 15 MoE layers."""
+    base = account(preset("blackmamba-1.5b"), 2048)
+    fine = account(preset("blackmamba-1.5b", "router=topk", "moe.granularity=4"), 2048)
+    shared = account(preset("blackmamba-1.5b", "router=topk", "moe.granularity=4", "moe.num_shared_experts=2"), 2048)
+    assert fine.total_params == 1_458_462_072 + 15 * 27_672 == 1_458_877_152
+    assert fine.active_params == 343_694_712 + 15 * 27_672 == 344_109_792
+    assert shared.total_params == 1_458_877_152 + 15 * 5_308_416 == 1_538_503_392
+    assert shared.active_params == 344_109_792 + 15 * 5_308_416 == 423_736_032
+    model = preset("blackmamba-1.5b", "router=topk", "moe.granularity=4", "moe.num_shared_experts=2")
+    assert sum(p.numel() for p in model.parameters()) == shared.total_params
+    # FLOPs: the same routed expert FLOPs (4 x 768 = 3072 wide), a wider gate, the shared GLU
+    gate_extra, shared_flops = 2 * 1152 * (32 - 8), 2 * 3 * 1152 * 1536
+    torch.testing.assert_close(fine.fwd_flops_per_token["moe"], base.fwd_flops_per_token["moe"] + 15 * gate_extra)
+    torch.testing.assert_close(shared.fwd_flops_per_token["moe"], fine.fwd_flops_per_token["moe"] + 15 * shared_flops)
+
+
 def test_layer_patterns():
     assert layer_pattern(ModelConfig(n_layers=4), "mamba") == ["mamba", "moe", "mamba", "moe"]
     assert layer_pattern(ModelConfig(n_layers=3, mlp="none"), "mamba2") == ["mamba2"] * 3

@@ -137,8 +137,20 @@ def test_capacity_drops_are_counted_and_dropped_tokens_get_zero_output():
     assert moe.tokens_per_expert.tolist() == [2, 0, 0, 0]
     assert moe.dropped_tokens.item() == 6 and moe.routed_slots.item() == 8
     assert moe.utilization_stats()["drop_rate"] == 0.75
+    assert moe.tokens_without_expert.item() == 6 and moe.utilization_stats()["no_expert_rate"] == 0.75
     y_eval = moe.eval()(x)[0][0]  # eval is dropless: every token gets its expert
     assert (y_eval != 0).any(dim=-1).all()
+
+
+def test_tokens_no_expert_chose_are_counted_with_expert_choice():
+    moe = build(num_experts=4, top_k=1, router="expert_choice", router_cfg={"capacity_factor": 0.5}).train()
+    x_BLD = torch.randn(2, 8, 16)
+    moe(x_BLD)
+    routing = moe.router(moe.gate(x_BLD.reshape(-1, 16)))
+    unchosen = int((~routing.mask_TK.any(dim=1)).sum())
+    assert unchosen >= 8  # 4 experts x 2 slots (capacity ceil(0.5 * 16 / 4)) reach at most 8 of 16 tokens
+    assert moe.tokens_without_expert.item() == unchosen
+    assert moe.utilization_stats()["no_expert_rate"] == unchosen / 16
 
 
 def test_apply_capacity_is_first_come_in_token_order():
@@ -188,6 +200,43 @@ def test_parameter_counts_match_blackmamba(d_model, ffn_dim, expected):
     assert sum(p.numel() for p in moe.parameters()) == expected
     assert sum(p.numel() for p in shared.parameters()) == expected + 3 * d_model * 512
     assert moe.w_in.shape == (8, d_model, 2 * ffn_dim) and moe.w_out.shape == (8, ffn_dim, d_model)
+
+
+def test_fine_grained_and_shared_expert_parameter_counts():
+    """DeepSeekMoE at the BlackMamba-1.5B expert shape (D 1152, 8 experts of F 3072, top-1): granularity 4 gives
+    32 experts of 768 and top-4, 2 shared experts add a dense 2 x 768 GLU."""
+    D, F_ = 1152, 3072
+    with torch.device("meta"):
+        fine = MoE(D, MoEConfig(num_experts=8, top_k=1, granularity=4, router="topk"), F_)
+        shared = MoE(D, MoEConfig(num_experts=8, top_k=1, granularity=4, num_shared_experts=2, router="topk"), F_)
+    assert (fine.num_experts, fine.top_k, fine.ffn_dim) == (32, 4, 768)
+    assert fine.w_in.shape == (32, D, 2 * 768) and fine.w_out.shape == (32, 768, D)
+    # experts 32 x 3 x 1152 x 768 = 84,934,656 (those of 8 x 3072), gate 1152 x 32 + 32 = 36,896
+    assert sum(p.numel() for p in fine.parameters()) == 84_934_656 + 36_896 == 84_971_552
+    # shared: 3 x 1152 x (2 x 768) = 5,308,416
+    assert shared.shared.fc2.in_features == 1536
+    assert sum(p.numel() for p in shared.parameters()) == 84_971_552 + 5_308_416 == 90_279_968
+
+
+def test_fine_grained_routes_granularity_times_top_k_and_matches_the_loop():
+    moe = build(num_experts=2, top_k=1, granularity=3, num_shared_experts=1, router="topk").train()
+    assert (moe.num_experts, moe.top_k, moe.ffn_dim, moe.router.num_experts, moe.router.top_k) == (6, 3, 8, 6, 3)
+    x_BLD = torch.randn(2, 5, 16)
+    y, _ = moe(x_BLD)
+    x_TD = x_BLD.reshape(-1, 16)
+    routing = moe.router(moe.gate(x_TD))
+    assert routing.expert_ids_TK.shape == (10, 3)
+    torch.testing.assert_close(y.reshape(-1, 16), naive_moe(moe, x_TD, routing) + moe.shared(x_TD))
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [({"granularity": 5}, "divide"), ({"granularity": 0}, "granularity"), ({"granularity": 2, "router": "top1"}, "topk"),
+     ({"num_shared_experts": -1}, "num_shared_experts"), ({"num_shared_experts": 1, "shared_ffn_dim": 8}, "not both")],
+)
+def test_bad_fine_grained_configs_raise(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        MoE(16, MoEConfig(**cfg), 24)
 
 
 def test_cfg_ffn_dim_overrides_model_ffn_dim():

@@ -232,3 +232,37 @@ def test_bad_router_configs_raise():
         ExpertChoiceConfig(capacity_factor=0.0)
     with pytest.raises(ValueError, match="coef"):
         TopKConfig(aux_loss_coef=-1.0)
+
+
+def test_register_router_adds_a_rule_buildable_by_name(monkeypatch):
+    monkeypatch.setattr("routers.ROUTERS", dict(ROUTERS))  # the registry as it was, after this test
+    from dataclasses import dataclass
+
+    import routers
+
+    @dataclass
+    class FirstConfig:
+        z_loss_coef: float = 0.0
+
+    @routers.register_router("first_expert", FirstConfig)
+    class FirstExpert(routers.Router):
+        def __init__(self, num_experts, top_k, cfg):
+            super().__init__(num_experts, top_k)
+            self.cfg = cfg
+
+        def route(self, logits_TE):
+            ids_TK = torch.arange(self.top_k).expand(logits_TE.shape[0], self.top_k)
+            return routers.Routing(ids_TK, torch.ones(ids_TK.shape), torch.softmax(logits_TE, -1))
+
+    router = routers.build_router("first_expert", 4, 2, {"z_loss_coef": 0.5})
+    assert isinstance(router, FirstExpert) and router.cfg.z_loss_coef == 0.5
+    assert router.route(torch.randn(3, 4)).expert_ids_TK.tolist() == [[0, 1]] * 3
+    routers.register_router("first_expert", FirstConfig)(FirstExpert)  # the same pair again: nothing changes
+    with pytest.raises(ValueError, match="already registered by routers.topk.TopKRouter"):
+        routers.register_router("topk", FirstConfig)(FirstExpert)
+    with pytest.raises(ValueError, match="must be a dataclass"):
+        routers.register_router("other", dict)(FirstExpert)
+    with pytest.raises(ValueError, match="subclass of routers.base.Router"):
+        routers.register_router("other", FirstConfig)(torch.nn.Linear)
+    with pytest.raises(ValueError, match="letters, digits"):
+        routers.register_router("my router", FirstConfig)(FirstExpert)

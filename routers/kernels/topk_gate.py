@@ -8,7 +8,9 @@ One program handles BLOCK_T tokens with all E experts in registers (E padded to 
 -inf), so nothing leaves the chip between the softmax and the selection. Ranking is on the logits, which
 the probabilities are monotone in: the same experts as torch.topk of the probabilities, except that
 probabilities which round to equal values (a saturated sigmoid, an underflowed softmax) still rank by
-logit; exactly equal logits go to the lower expert index, so the result is deterministic.
+logit; exactly equal logits go to the lower expert index, so the result is deterministic. With a selection
+bias (auxiliary-loss-free balancing, DeepSeek-V3 sec. 2.1.2) the ranking is on probability + bias instead,
+computed in fp32 as the reference does, ties again to the lower index; the weights stay the probabilities.
 The optional per-expert counts are one int32 atomic add per expert and program (integer adds commute,
 so they are deterministic too). The backward is one kernel: through the renormalisation and the
 softmax / sigmoid, from the gradients of both the weights and the probabilities.
@@ -45,9 +47,9 @@ def _gate_probs(x_TE, SIGMOID: tl.constexpr):
 
 @triton.jit
 def _topk_gate_fwd(
-    logits_ptr, weights_ptr, ids_ptr, probs_ptr, counts_ptr, T, E,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, probs_ptr, counts_ptr, T, E,
     K: tl.constexpr, SIGMOID: tl.constexpr, RENORMALIZE: tl.constexpr, COUNTS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     t_T = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     e_E = tl.arange(0, BLOCK_E)
@@ -59,13 +61,18 @@ def _topk_gate_fwd(
     x_TE = tl.where(col_E[None, :], x_TE, float("-inf"))  # padded experts; padded tokens stay finite
     p_TE = _gate_probs(x_TE, SIGMOID)
     tl.store(probs_ptr + t_T[:, None] * E + e_E[None, :], p_TE, mask=mask_TE)
+    if HAS_BIAS:
+        b_E = tl.load(bias_ptr + e_E, mask=col_E, other=0.0)
+        score_TE = tl.where(col_E[None, :], p_TE + b_E[None, :], float("-inf"))
+    else:
+        score_TE = x_TE
 
     free_TE = tl.broadcast_to(col_E[None, :], (BLOCK_T, BLOCK_E))
     w_TK = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     ids_TK = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     counts_E = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for k in tl.static_range(K):
-        pick_T, hit_TE, free_TE = _select(x_TE, free_TE, e_E, BLOCK_E)
+        pick_T, hit_TE, free_TE = _select(score_TE, free_TE, e_E, BLOCK_E)
         w_T = tl.sum(tl.where(hit_TE, p_TE, 0.0), axis=1)
         w_TK = tl.where(k_K[None, :] == k, w_T[:, None], w_TK)
         ids_TK = tl.where(k_K[None, :] == k, pick_T[:, None], ids_TK)
@@ -129,7 +136,8 @@ def _blocks(T: int, E: int) -> tuple[int, int]:
 
 class _TopKGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TE: Tensor, k: int, sigmoid: bool, renormalize: bool, with_counts: bool):
+    def forward(ctx, logits_TE: Tensor, k: int, sigmoid: bool, renormalize: bool, with_counts: bool,
+                bias_E: Tensor | None):
         T, E = logits_TE.shape
         logits_TE = logits_TE.contiguous()
         weights_TK = logits_TE.new_empty(T, k)
@@ -137,9 +145,10 @@ class _TopKGate(torch.autograd.Function):
         probs_TE = torch.empty_like(logits_TE)
         counts_E = torch.zeros(E if with_counts else 1, dtype=torch.int32, device=logits_TE.device)
         BLOCK_T, BLOCK_E = _blocks(T, E)
+        bias_E = bias_E.detach().float().contiguous() if bias_E is not None else None
         _topk_gate_fwd[(triton.cdiv(T, BLOCK_T),)](
-            logits_TE, weights_TK, ids_TK, probs_TE, counts_E, T, E,
-            K=k, SIGMOID=sigmoid, RENORMALIZE=renormalize, COUNTS=with_counts,
+            logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, ids_TK, probs_TE, counts_E, T, E,
+            K=k, SIGMOID=sigmoid, RENORMALIZE=renormalize, COUNTS=with_counts, HAS_BIAS=bias_E is not None,
             BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(k),
         )
         ctx.save_for_backward(probs_TE, ids_TK, weights_TK)
@@ -151,7 +160,7 @@ class _TopKGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dweights_TK: Tensor | None, _dids, dprobs_TE: Tensor | None, _dcounts):
         if dweights_TK is None and dprobs_TE is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         probs_TE, ids_TK, weights_TK = ctx.saved_tensors
         k, sigmoid, renormalize = ctx.options
         T, E = probs_TE.shape
@@ -166,16 +175,18 @@ class _TopKGate(torch.autograd.Function):
             HAS_DWEIGHTS=dweights_TK is not None, HAS_DPROBS=dprobs_TE is not None,
             BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
         )
-        return dlogits_TE, None, None, None, None
+        return dlogits_TE, None, None, None, None, None
 
 
 def topk_gate(
-    logits_TE: Tensor, k: int, gate: str = "softmax", renormalize: bool = True, with_counts: bool = False
+    logits_TE: Tensor, k: int, gate: str = "softmax", renormalize: bool = True, with_counts: bool = False,
+    bias_E: Tensor | None = None,
 ) -> Gate:
     """Fused gate for logits_TE (T, E) fp32 on a CUDA device (or the CPU under TRITON_INTERPRET=1).
 
     probs_TE (T, E) fp32 = softmax over experts or sigmoid per expert (`gate`); expert_ids_TK (T, k) int64,
-    the k highest, in decreasing order, ties to the lower index; weights_TK (T, k) fp32, their
+    the k highest (of probs_TE + bias_E when a selection bias (E,) is given), in decreasing order, ties to
+    the lower index; weights_TK (T, k) fp32, their
     probabilities, divided by their sum when `renormalize` and k > 1; counts_E (E,) int32, how many of the
     T * k slots chose each expert, when `with_counts` (else None). Differentiable in logits_TE through
     weights_TK and probs_TE. No host synchronisation: one launch forward, one backward.
@@ -186,7 +197,9 @@ def topk_gate(
         raise ValueError(f"logits_TE must be a (T, E) fp32 tensor, got {tuple(logits_TE.shape)} {logits_TE.dtype}")
     if not 1 <= k <= logits_TE.shape[1]:
         raise ValueError(f"k must be in [1, E={logits_TE.shape[1]}], got {k}")
+    if bias_E is not None and bias_E.shape != (logits_TE.shape[1],):
+        raise ValueError(f"bias_E must have shape ({logits_TE.shape[1]},), got {tuple(bias_E.shape)}")
     weights_TK, ids_TK, probs_TE, counts_E = _TopKGate.apply(
-        logits_TE, k, gate == "sigmoid", renormalize and k > 1, with_counts
+        logits_TE, k, gate == "sigmoid", renormalize and k > 1, with_counts, bias_E
     )
     return Gate(weights_TK, ids_TK, probs_TE, counts_E if with_counts else None)
