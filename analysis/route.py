@@ -1,12 +1,13 @@
 """Expert utilization of any model on any text, without training: a training run's report for any checkpoint.
 
     python -m analysis.route ckpt=<checkpoint> [data=<source> path=... seq_len=... batch_size=... data.*=...]
-                             [split=val|train] [out=DIR] [device=auto|cpu|cuda] [format=html|md]
+                             [split=val|train] [out=DIR] [device=auto|cpu|cuda] [format=html|md] [--plugin FILE]
 
 ckpt: whatever experiments.generation.load_model reads: a run's .ckpt, a safetensors export, a released
 BlackMamba or Hugging Face Mamba folder, or a hub id. data: run.py's data options (conf/data/*.yaml, data.*
 keys and the path / seq_len / batch_size aliases); the text is tokenized with the model's own tokenizer
-unless data.tokenizer is given. With data=stdlib and a subword tokenizer, the standard library's files of
+unless data.tokenizer is given. A model with a plug-in mixer or router needs its file (--plugin FILE or
+$BLACKMAMBA_PLUGINS, see experiments/plugins.py). With data=stdlib and a subword tokenizer, the standard library's files of
 the chosen split are tokenized with it (data=stdlib is otherwise byte-level).
 
 The model runs, in eval mode, over the fixed windows validation uses (data.val_batches batches of
@@ -39,6 +40,7 @@ from blocks.model import LM
 from experiments.checkpoint import CheckpointError
 from experiments.config import ConfigError, compose
 from experiments.data import SEPARATOR, DataConfig, ValBatches, load_source, split_by_name, stdlib_files
+from experiments.plugins import load_plugins, split_plugin_args
 from experiments.tokenizers import build_tokenizer
 from experiments.utilization import moe_layers, save_snapshot, snapshot_arrays
 
@@ -211,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.split("\n\n")[1])
         return 0
     try:
+        plugin_files, argv = split_plugin_args(argv)
+        load_plugins(plugin_files)
         print(build_route_report(argv))
     except (ConfigError, CheckpointError, ValueError, ImportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
