@@ -16,6 +16,7 @@ import base64
 import html
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,16 @@ def _cell(value, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
+def _stands_out(value, key: str, arm_params: list[dict]) -> bool:
+    """Whether an arm's value of `key` sets it apart: it differs from the value most arms with the key have
+    (all values, where no value is more common than another)."""
+    if value is None:
+        return False
+    counts = Counter(p[key] for p in arm_params if key in p)
+    top = max(counts.values())
+    return counts[value] < top or list(counts.values()).count(top) > 1
+
+
 def comparison_sections(c: MlflowClient, runs: list[Run], fig_dir: Path, title: str) -> list[Section]:
     """Arms of a router comparison side by side: what they share, one results table (final validation metric,
     load balance, entropies, dropped slots and tokens, throughput) and one figure (plots.router_comparison)."""
@@ -208,16 +219,16 @@ def comparison_sections(c: MlflowClient, runs: list[Run], fig_dir: Path, title: 
             setup.append([k, values.pop() if len(values) == 1 else "differs (see the results)"])
     tokens = {row["tokens_total"] for row in rows}
     setup.append(["training tokens per arm", ", ".join(_cell(t, ",.0f") for t in sorted(tokens))])
-    data = {row["data"] for row in rows}
-    setup.append(["data", data.pop() if len(data) == 1 else "DIFFERS: " + " | ".join(sorted(data))])
-    same = len(tokens) == 1 and len({row["data"] for row in rows}) == 1
+    data = sorted({row["data"] for row in rows})
+    setup.append(["data", data[0] if len(data) == 1 else "DIFFERS: " + " | ".join(data)])
+    same = len(tokens) == 1 and len(data) == 1
     text = (f"{len(rows)} arms: the same model, data and token budget, routed differently." if same else
             f"Careful: these {len(rows)} runs differ in data or token budget; the comparison is not like for like.")
 
     results = [["arm", "router", "settings", "params active", f"final {key}",
                 *(header for header, _, _ in RESULT_COLUMNS)]]
     for row, p in zip(rows, arm_params):
-        settings = ", ".join(f"{k.split('.', 1)[1]}={p.get(k)}" for k in differing if p.get(k) is not None)
+        settings = ", ".join(f"{k.split('.', 1)[1]}={p[k]}" for k in differing if _stands_out(p.get(k), k, arm_params))
         results.append([row["label"], row["router"], settings or "-", f"{row['params_active']:,}",
                         _cell(row["val"], ".4f"), *(_cell(row[k], spec) for _, k, spec in RESULT_COLUMNS)])
     note = (f"Final {key} ({VAL_UNITS[key]}) on the held-out data at the end of training. Load statistics describe "

@@ -31,7 +31,7 @@ def tracking_uri(uri: str | None = None) -> str:
 def client(uri: str | None = None) -> MlflowClient:
     """An MlflowClient on tracking_uri(uri); a missing local SQLite file is an error, not a new empty store."""
     uri = tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").partition("?")[0]).is_file():
         raise FileNotFoundError(f"no MLflow store at {uri}: train a run first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
     return MlflowClient(uri)
 
