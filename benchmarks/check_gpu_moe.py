@@ -2,7 +2,8 @@
 
     python3 benchmarks/check_gpu_moe.py
 
-0. The fused routing kernels against their PyTorch twins (ids may differ only on near-ties).
+0. The fused routing kernels against their PyTorch twins (ids may differ only on near-ties), the top-k gate
+   with and without a selection bias (aux-loss-free balancing).
 1. One MoE layer per router, fp32 weights and fp32 input under bf16 autocast (as inside the LM): output and
    every gradient from the Triton kernels and from the PyTorch reference, each against the reference run in
    fp32 without autocast (the routing is computed in fp32 in all three, so it is the same). The kernels pass
@@ -48,10 +49,16 @@ def check_routing() -> bool:
         same_ids = (got.expert_ids_TK == ref.expert_ids_TK).float().mean().item()
         w_err, p_err = rel(got.weights_TK, ref.weights_TK), rel(got.probs_TE, ref.probs_TE)
         sk_same = (sinkhorn_topk(logits, k) == sinkhorn_topk_ref(logits, k)).float().mean().item()
-        good = same_ids > 0.999 and w_err < 1e-5 and p_err < 1e-5 and sk_same > 0.999
+        bias = torch.randn(E, device="cuda") * 0.05
+        got_b, ref_b = topk_gate(logits, k, bias_E=bias), topk_gate_ref(logits, k, bias_E=bias)
+        bias_same = (got_b.expert_ids_TK == ref_b.expert_ids_TK).float().mean().item()
+        bias_w_err = rel(got_b.weights_TK, ref_b.weights_TK)
+        good = (same_ids > 0.999 and w_err < 1e-5 and p_err < 1e-5 and sk_same > 0.999 and bias_same > 0.999
+                and bias_w_err < 1e-5)
         ok &= good
         print(f"routing E {E} k {k}: top-k ids equal {same_ids:.5f}, weights rel err {w_err:.1e}, probs {p_err:.1e}; "
-              f"Sinkhorn ids equal {sk_same:.5f} {'OK' if good else 'FAIL'}", flush=True)
+              f"with a bias: ids equal {bias_same:.5f}, weights {bias_w_err:.1e}; Sinkhorn ids equal {sk_same:.5f} "
+              f"{'OK' if good else 'FAIL'}", flush=True)
     return ok
 
 
@@ -59,10 +66,15 @@ def main() -> None:
     torch.manual_seed(0)
     ok = check_routing()
     names = ("y", "dx", "dw_in", "dw_out", "dgate_w", "dgate_b")
-    for router, k in (("sinkhorn", 1), ("top1", 1), ("topk", 2), ("expert_choice", 1)):
+    aux_free = {"gate": "sigmoid", "aux_loss_coef": 0.0, "bias_update_rate": 0.01}
+    for router, k, router_cfg in (("sinkhorn", 1, None), ("top1", 1, None), ("topk", 2, None),
+                                  ("expert_choice", 1, None), ("topk", 1, aux_free)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            moe = MoE(512, MoEConfig(num_experts=8, top_k=k, router=router), 1024).cuda().train()
+            moe = MoE(512, MoEConfig(num_experts=8, top_k=k, router=router, router_cfg=router_cfg), 1024).cuda().train()
+        if router_cfg is not None:  # a bias that changes the choices
+            moe.router.load.bias_steps.copy_(torch.tensor([3, -2, 0, 1, -1, 2, 0, -3]))
+            router = "aux_free"
         x = torch.randn(4, 512, 512, device="cuda")
         g = torch.randn_like(x)
         truth = run_layer(moe, x, g, kernels=False, autocast=False)
