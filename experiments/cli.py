@@ -9,23 +9,46 @@ from experiments.checkpoint import CheckpointError
 from experiments.config import ConfigError, compose, help_text
 
 
+def one_line(message: object) -> str:
+    """A message for one line of the terminal: line breaks and other control characters (which a command
+    line can carry into an error message) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+
+
 def main_train(argv: list[str]) -> int:
+    """run.py: 0 when the run ends, 2 for a bad command line, config, data or checkpoint, 1 when training
+    diverged (non-finite loss), 143 / 130 when SIGTERM / Ctrl-C stopped it (with a checkpoint)."""
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
-    show_cfg = "--cfg" in argv
-    argv = [a for a in argv if a != "--cfg"]
+    show_cfg, show_runs = "--cfg" in argv, "--runs" in argv
+    argv = [a for a in argv if a not in ("--cfg", "--runs")]
     try:
         cfg = compose(argv)
         if show_cfg:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        from experiments.train import train  # imported late: --help and --cfg stay fast
+        if show_runs:
+            from experiments.tracking import list_runs
 
-        train(cfg)
+            print(list_runs(cfg))
+            return 0
+        from experiments.train import Interrupted, train  # imported late: --help and --cfg stay fast
+
+        try:
+            train(cfg)
+        except Interrupted as e:
+            print(f"\ninterrupted: {e}", file=sys.stderr)
+            return e.exit_code
     except (ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -78,7 +101,7 @@ def main_generate(argv: list[str]) -> int:
         model, saved = load_model(ckpt, device)
         tokenizer = build_tokenizer(_saved_tokenizer(saved))
     except (ConfigError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     prompt_ids = tokenizer.encode(args["prompt"]) or [0]
     prompt = torch.tensor([prompt_ids], device=device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,15 @@ class ConfigError(ValueError):
     """A user error in the command line or a config file."""
 
 
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 600  # optimizer steps; also the length of the cosine schedule
@@ -64,6 +74,19 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     stop_at_step: int | None = None  # end this invocation early (with a checkpoint); resume continues it
     progress_bar: bool = True
+    # A step whose loss or gradients are not finite is skipped (no update; the step counter and schedule go on);
+    # this many in a row stop the run with a checkpoint and a message. 1: stop at the first.
+    nonfinite_stop_after: int = 3
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "val_every", "log_every", "devices", "accumulate_grad_batches", "nonfinite_stop_after"):
+            _check(getattr(self, key) >= 1, f"trainer.{key} must be >= 1, got {getattr(self, key)}")
+        _check(self.accelerator in ACCELERATORS,
+               f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got '{self.accelerator}'")
+        _check(self.precision in PRECISIONS,
+               f"trainer.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
+        _check(self.stop_at_step is None or self.stop_at_step >= 1, f"trainer.stop_at_step must be >= 1, got {self.stop_at_step}")
 
 
 @dataclass
@@ -76,12 +99,24 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
 
+    def __post_init__(self) -> None:
+        for key in ("lr", "weight_decay", "eps"):
+            value = getattr(self, key)
+            _check(math.isfinite(value) and value >= 0, f"optim.{key} must be a finite number >= 0, got {value}")
+        for key in ("beta1", "beta2"):
+            _check(0 <= getattr(self, key) < 1, f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
 
 @dataclass
 class TrackingConfig:
     experiment: str = "blackmamba"  # MLflow experiment name
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
     run_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment.strip()), "tracking.experiment must not be empty")
 
 
 # The MoE node carries everything of MoEConfig except the router, which has its own group.
@@ -105,6 +140,10 @@ class RunConfig:
     out_dir: str = "outputs"
     resume: str | None = None  # "last" (or true): the newest run in out_dir; else a run id
 
+    def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
+        _check(bool(self.out_dir.strip()), "out_dir must not be empty")
+
 
 def _named_node(registry: dict, name: str, kind: str) -> DictConfig:
     """A structured node for registry[name]'s config dataclass with an extra `name` field."""
@@ -117,19 +156,31 @@ def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def load_yaml(path: Path) -> DictConfig:
+    """A YAML file as a config: plain data only (OmegaConf's safe loader refuses python/* tags)."""
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # YAML syntax, a python/* tag
+        raise ConfigError(f"{path} is not a valid config file: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of keys, not a {type(loaded).__name__}")
+    return loaded
+
+
 def _load_group_file(group: str, choice: str) -> DictConfig:
-    path = CONF_DIR / group / f"{choice}.yaml"
-    if not path.is_file():
-        valid = choices(group)
+    valid = choices(group)
+    if choice not in valid:  # a name, never a path: conf/<group>/ holds the only choices
         close = difflib.get_close_matches(choice, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown {group} '{choice}'. Valid choices: {', '.join(valid)}{hint}")
-    return OmegaConf.load(path) or OmegaConf.create()
+    return load_yaml(CONF_DIR / group / f"{choice}.yaml")
 
 
 def _check_keys(schema: DictConfig, overrides: DictConfig, where: str) -> None:
     """Every key in `overrides` must exist in `schema`; else name it and the nearest valid key."""
-    for key, value in overrides.items():
+    for key, value in overrides.items_ex(resolve=False):
         full = f"{where}.{key}" if where else str(key)
         if key not in schema:
             valid = [str(k) for k in schema.keys()]
@@ -157,9 +208,9 @@ def split_argv(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     dotted: list[tuple[str, str]] = []
     for token in argv:
         key, sep, value = token.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"expected key=value, got '{token}' (see --help)")
-        key = key.strip()
         if key in GROUPS:
             picks[key] = value
         elif key in ALIASES:
@@ -201,6 +252,7 @@ def compose(argv: list[str] | None = None) -> DictConfig:
     _apply_dotted(cfg, dotted)
     if cfg.resume:
         cfg = _resumed(cfg, picks, dotted)
+    _validate(cfg)
     return cfg
 
 
@@ -208,27 +260,55 @@ def _apply_dotted(cfg: DictConfig, dotted: list[tuple[str, str]]) -> None:
     for key, raw in dotted:
         if key.split(".")[0] in ("mixer", "router") and key.endswith(".name"):
             raise ConfigError(f"pick a {key.split('.')[0]} with {key.split('.')[0]}=<name>, not {key}")
-        _merge(cfg, OmegaConf.from_dotlist([f"{key}={raw}"]), "command line")
+        try:
+            override = OmegaConf.from_dotlist([f"{key}={raw}"])
+        except Exception as e:  # a key OmegaConf cannot parse (a.[0], a..b), a value YAML cannot parse
+            raise ConfigError(f"cannot parse the override '{key}={raw}': {str(e).splitlines()[0]}") from None
+        try:
+            _merge(cfg, override, "command line")
+        except ConfigError as e:  # OmegaConf may read the key differently from how it was typed: quote both
+            if key in str(e):
+                raise
+            raise ConfigError(f"{e} (in '{key}={raw}')") from None
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Resolve interpolations in place (only OmegaConf's built-in resolvers exist: ${oc.env:VAR} and the like)
+    and build every section's dataclass once, so that each range check runs before anything starts."""
+    try:
+        OmegaConf.resolve(cfg)
+        OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"bad value for '{key}': {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # a dataclass's own check
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 def _resumed(cfg: DictConfig, picks: dict[str, str], dotted: list[tuple[str, str]]) -> DictConfig:
-    """A resumed run continues its saved config; only dotted overrides (e.g. trainer.max_steps) apply on top."""
+    """A resumed run continues its saved config (but not its trainer.stop_at_step, which ended the invocation
+    that set it); only dotted overrides (e.g. trainer.max_steps) apply on top."""
     run_dir = find_run_dir(cfg.out_dir, cfg.resume)
     if picks:
         raise ConfigError(f"resume continues a run with its saved config; drop the group picks {', '.join(picks)}")
-    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved = load_yaml(run_dir / "config.yaml")
     resumed = OmegaConf.structured(RunConfig)
-    resumed.mixer = _named_node(MIXERS, saved.mixer.name, "mixer")
-    resumed.router = _named_node(ROUTERS, saved.router.name, "router")
+    try:
+        resumed.mixer = _named_node(MIXERS, OmegaConf.select(saved, "mixer.name", default=""), "mixer")
+        resumed.router = _named_node(ROUTERS, OmegaConf.select(saved, "router.name", default=""), "router")
+    except (ValueError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {str(e).splitlines()[0]}") from None
     resumed.moe = OmegaConf.structured(MoENode)
     _merge(resumed, saved, f"{run_dir}/config.yaml")
+    resumed.trainer.stop_at_step = None  # it ended one invocation; the command line may set a new one
     _apply_dotted(resumed, dotted)
     resumed.resume = run_dir.name
     return resumed
 
 
 def help_text() -> str:
-    lines = ["usage: python run.py [group=choice ...] [key.path=value ...] [alias=value ...] [--cfg] [--help]", ""]
+    lines = ["usage: python run.py [group=choice ...] [key.path=value ...] [alias=value ...] [--cfg] [--runs] [--help]",
+             ""]
     lines.append("config groups (conf/<group>/<choice>.yaml):")
     for group in GROUPS:
         lines.append(f"  {group:<11} {', '.join(choices(group))}")
@@ -238,7 +318,9 @@ def help_text() -> str:
         lines.append(f"  {alias:<11} -> {key}")
     lines.append("")
     lines.append("sections: " + ", ".join(f.name for f in dataclasses.fields(RunConfig)))
-    lines.append("--cfg prints the resolved config and exits. Examples:")
+    lines.append("--cfg prints the resolved config and exits; --runs lists the newest runs of the experiment (closing")
+    lines.append("those left RUNNING by a process that is gone). Exit codes: 0 done, 1 diverged (non-finite), 2 bad")
+    lines.append("input, 130 / 143 stopped by Ctrl-C / SIGTERM (resume=<run id> continues). Examples:")
     lines.append("  python run.py mixer=mamba router=sinkhorn experts=8")
     lines.append("  python run.py experiment=blackmamba_small trainer.max_steps=2000")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -194,20 +195,34 @@ def _docs_source(
 
 
 def _walk_files(root: Path, skip_dir: Callable[[str], bool]) -> list[tuple[str, Path]]:
-    """(relative posix path, path) of every file under root, sorted; symlinked folders are not followed."""
+    """(relative posix path, path) of every entry under root that is not a folder, sorted. Symlinked folders
+    are not followed, so a symlink loop cannot make the walk endless; a link to a file is listed (and may be
+    broken or loop: see _regular)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not skip_dir(d)]
+        dirnames[:] = [d for d in dirnames if not skip_dir(d) and not (Path(dirpath) / d).is_symlink()]
         for f in filenames:
             p = Path(dirpath) / f
             out.append((p.relative_to(root).as_posix(), p))
     return sorted(out)
 
 
+def _regular(path: Path) -> bool:
+    """A regular file once symlinks are followed: not a broken or looping link, a FIFO, a socket or a device
+    (opening a FIFO would wait for a writer forever)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:  # ENOENT for a broken link, ELOOP for a loop
+        return False
+
+
 def _is_text(path: Path) -> bool:
     """No NUL byte and valid UTF-8 in the first 8 KB (a character cut at the 8 KB edge is allowed)."""
-    with open(path, "rb") as f:
-        head = f.read(TEXT_PROBE_BYTES)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(TEXT_PROBE_BYTES)
+    except OSError as e:
+        raise ValueError(f"data=text: cannot read '{path}': {e.strerror or e}") from None
     if b"\0" in head:
         return False
     try:
@@ -215,6 +230,17 @@ def _is_text(path: Path) -> bool:
     except UnicodeDecodeError as e:  # only a multi-byte character cut by the probe's edge is forgiven
         return len(head) == TEXT_PROBE_BYTES and e.start >= len(head) - 3 and e.reason == "unexpected end of data"
     return True
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -282,16 +308,22 @@ def _text_source(cfg: DataConfig) -> TokenSource:
         raise ValueError("data=text needs data.path: a text file or a folder of text files")
     root = Path(cfg.path).expanduser()
     if not root.exists():
-        raise ValueError(f"data=text: path '{root}' does not exist")
+        what = "is a broken or looping symlink" if root.is_symlink() else "does not exist"
+        raise ValueError(f"data=text: path '{root}' {what}")
     tok = build_tokenizer(cfg.tokenizer)
     if root.is_file():
-        if not _is_text(root):
+        if not _regular(root) or not _is_text(root):
             raise ValueError(f"data=text: '{root}' is not a text file (NUL bytes or not UTF-8 in its first 8 KB)")
         return _single_text(root, tok, cfg)
-    files = _walk_files(root, lambda d: d.startswith("."))
-    files = [(rel, p) for rel, p in files if not Path(rel).name.startswith(".")]
+    if not root.is_dir():
+        raise ValueError(f"data=text: '{root}' is neither a file nor a folder")
+    entries = _walk_files(root, lambda d: d.startswith("."))
+    entries = [(rel, p) for rel, p in entries if not Path(rel).name.startswith(".")]
+    files = [(rel, p) for rel, p in entries if _regular(p)]
+    others = len(entries) - len(files)  # broken or looping links, FIFOs, sockets, devices
     if not files:
-        raise ValueError(f"data=text: folder '{root}' is empty (no files, hidden ones ignored)")
+        extra = f"; {others} entries that are not regular files (broken or looping links, pipes)" if others else ""
+        raise ValueError(f"data=text: folder '{root}' is empty (no files, hidden ones ignored{extra})")
     texts = [(rel, p) for rel, p in files if _is_text(p)]
     if not texts:
         raise ValueError(
@@ -300,15 +332,28 @@ def _text_source(cfg: DataConfig) -> TokenSource:
         )
     if len(texts) == 1:
         return _single_text(texts[0][1], tok, cfg)
+    total, free = sum(p.stat().st_size for _, p in texts), _available_memory()
+    if free is not None and 2 * total > free:  # the files are read, then joined
+        raise ValueError(
+            f"data=text: the {len(texts)} text files under '{root}' hold {total / 2**30:.1f} GiB, too much to read "
+            f"into the {free / 2**30:.1f} GiB of free memory; give one file (it is memory-mapped), or tokenize "
+            "them once with experiments.data.write_memmap and use data=memmap"
+        )
     docs = [p.read_bytes() for _, p in texts]
-    detail = f"{len(texts)} text files under {root} ({len(files) - len(texts)} binary skipped)"
+    skipped = f"{len(files) - len(texts)} binary" + (f", {others} not regular files" if others else "")
+    detail = f"{len(texts)} text files under {root} ({skipped} skipped)"
     src = _docs_source("text", [rel for rel, _ in texts], docs, tok, cfg, detail)
     _check_windows(len(src.train), len(src.val), cfg, f"data=text: '{root}'")
     return src
 
 
 def _single_text(path: Path, tok: Tokenizer, cfg: DataConfig) -> TokenSource:
-    """One text file, split by its tail; bytes_per_token measured on the whole file."""
+    """One text file, split by its tail; bytes_per_token measured on the whole file. Byte-level tokens are the
+    file's bytes, memory-mapped, so a file of any size costs no memory; other tokenizers read it whole."""
+    if isinstance(tok, ByteTokenizer):
+        n_train, n_val = _tail_sizes(path.stat().st_size, cfg, f"data=text: '{path}'")
+        train, val = _open_bin(path, np.dtype(np.uint8), 0, n_train), _open_bin(path, np.dtype(np.uint8), n_train, n_val)
+        return TokenSource("text", train, val, tok.vocab_size, 1.0, f"1 file {path}, tail split")
     tokens, n_bytes = _tokenize_docs([path.read_bytes()], tok)
     n_train, _ = _tail_sizes(len(tokens), cfg, f"data=text: '{path}'")
     bpt = tok.bytes_per_token or n_bytes / len(tokens)

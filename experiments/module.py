@@ -37,6 +37,10 @@ class LMModule(L.LightningModule):
         for moe in self.moe_layers.values():
             moe.track_tokens(vocab_size)  # token id -> expert counts, fed by observe_tokens in training
         self._val_routing: tuple = (None, {})  # (token ids, layer -> expert ids) of the first val batch
+        self._loss: torch.Tensor | None = None  # the last training loss, for the finiteness check
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.nonfinite_stop: str | None = None  # why the run stopped, when non-finite steps stopped it
 
     def log_bits(self, split: str, loss_nats: torch.Tensor, **kwargs) -> None:
         """Bits per byte, comparable across tokenizers; bits per token when the data cannot tell bytes."""
@@ -61,11 +65,38 @@ class LMModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         for name, value in aux.items():
             self.log(f"train/aux_{name}", value)
-        # Checked when metrics are logged, not every step: reading the loss on the host stalls a GPU,
-        # and a NaN loss stays NaN (the weights are NaN after the step), so it is caught within log_every steps.
-        if (self.global_step + 1) % self.cfg.trainer.log_every == 0 and not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        self._loss = loss.detach()
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        """Skip the update if the loss or any gradient is not finite; stop after trainer.nonfinite_stop_after
+        such steps in a row (the trainer ends the run with a checkpoint, and train() reports why).
+
+        Skipping drops every gradient, so AdamW leaves the weights and its moments alone, while the step counter,
+        the schedule and the data stream go on. The check reads one scalar on the host per step (a GPU waits for
+        it, as it does for a GradScaler); it runs before gradient clipping, which would hide an inf in a NaN."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).sum() if grads else 0.0
+        loss = self._loss if self._loss is not None else torch.zeros(())
+        if bool(torch.isfinite(loss.float() + norm)):
+            self.nonfinite_in_a_row = 0
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.trainer.nonfinite_stop_after
+        step = self.global_step
+        what = f"non-finite loss {float(loss):.4g}" if not torch.isfinite(loss) else f"non-finite gradient (norm {float(norm):.4g})"
+        self.print(f"step {step}: {what}: update skipped ({self.nonfinite_in_a_row} in a row; "
+                   f"{limit} stop the run: trainer.nonfinite_stop_after)")
+        if self.logger is not None:
+            self.logger.log_metrics({"train/nonfinite_steps": float(self.nonfinite_total)}, step=step)
+        if self.nonfinite_in_a_row >= limit:
+            first = step - self.nonfinite_in_a_row + 1
+            self.nonfinite_stop = (
+                f"non-finite loss or gradients at {self.nonfinite_in_a_row} steps in a row (steps {first}-{step}, "
+                f"trainer.nonfinite_stop_after={limit}): stopped, with the weights from before them in last.ckpt")
+            self.trainer.should_stop = True
 
     # Validation metrics go to the logger from experiments.progress.ValidationReport at step = global_step
     # (logger=False here), so a resumed run continues one consistent metric history.
@@ -124,3 +155,8 @@ class LMModule(L.LightningModule):
         checkpoint["run_config"] = OmegaConf.to_yaml(self.cfg)
         checkpoint["vocab_size"] = self.model.cfg.vocab_size
         checkpoint["bytes_per_token"] = self.bytes_per_token
+        checkpoint["nonfinite"] = {"in_a_row": self.nonfinite_in_a_row, "total": self.nonfinite_total}
+
+    def on_load_checkpoint(self, checkpoint):
+        counts = checkpoint.get("nonfinite", {})
+        self.nonfinite_in_a_row, self.nonfinite_total = counts.get("in_a_row", 0), counts.get("total", 0)

@@ -1,7 +1,16 @@
-"""The training entry point that run.py (and sweeps) call: config in, trained run and metrics out."""
+"""The training entry point that run.py (and sweeps) call: config in, trained run and metrics out.
+
+Stopping: SIGTERM (and the first Ctrl-C, which is handled the same way) ends the run after the current step
+(Lightning's SIGTERM handling raises SIGTERMException between steps; RunCheckpoints saves last.ckpt on it),
+the MLflow run ends KILLED and train() raises Interrupted. A second Ctrl-C stops at once, without a new
+checkpoint. SIGKILL cannot be caught: resume=<run id> continues from the last complete checkpoint.
+"""
 from __future__ import annotations
 
 import logging
+import signal
+import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,15 +19,19 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, find_run_dir, load_checkpoint
+from experiments.checkpoint import (CheckpointError, RunCheckpoints, VerifiedCheckpointIO, atomic_write_text,
+                                    find_run_dir, recover_checkpoint)
 from experiments.config import ConfigError
 from experiments.data import DataConfig, TokenDataModule
 from experiments.module import LMModule
 from experiments.progress import TrainBar, ValidationReport
 from experiments.throughput import Throughput
-from experiments.tracking import make_logger
+from experiments.tracking import close_if_orphaned, make_logger, open_store, owner_alive, tracking_uri
 
 
 @dataclass
@@ -28,11 +41,44 @@ class RunResult:
     metrics: dict[str, float]
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C stopped a run; its MLflow run ended KILLED. `step` is the step last.ckpt holds."""
+
+    def __init__(self, signal_name: str, run_id: str, step: int | None, checkpoint: Path):
+        self.signal_name, self.run_id, self.step, self.checkpoint = signal_name, run_id, step, checkpoint
+        self.exit_code = 128 + (signal.SIGTERM if signal_name == "SIGTERM" else signal.SIGINT)
+        saved = f"checkpoint at step {step} in {checkpoint}" if step is not None else "no new checkpoint"
+        super().__init__(f"{signal_name}: run {run_id} stopped ({saved}); continue it with "
+                         f"python run.py resume={run_id}")
+
+
+class CtrlC(Callback):
+    """During training, the first Ctrl-C does what SIGTERM does (stop after this step, with a checkpoint):
+    it calls the SIGTERM handler that Lightning installed. A second one raises KeyboardInterrupt at once.
+    Lightning puts the original SIGINT handler back when fit ends."""
+
+    def __init__(self):
+        self.pressed = 0
+
+    def on_train_start(self, trainer, pl_module):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        self.pressed += 1
+        on_sigterm = signal.getsignal(signal.SIGTERM)
+        if self.pressed > 1 or not callable(on_sigterm):
+            raise KeyboardInterrupt
+        print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr)
+        on_sigterm(signal.SIGTERM, frame)
+
+
 def _quiet() -> None:
     """Silence start-up chatter that says nothing about this run."""
     import mlflow  # noqa: F401  (configures its loggers on import; quiet them after)
 
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric",
+                 "lightning.pytorch.trainer.connectors.signal_connector",
                  "mlflow", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
@@ -57,7 +103,8 @@ def _precision(cfg: DictConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator == "cuda" else "32-true"
 
 
-def _make_trainer(cfg: DictConfig, accelerator: str, logger, callbacks: list[Callback]) -> L.Trainer:
+def _make_trainer(cfg: DictConfig, accelerator: str, logger, callbacks: list[Callback],
+                  checkpoint_io: VerifiedCheckpointIO | None = None) -> L.Trainer:
     accumulate = cfg.trainer.accumulate_grad_batches
     return L.Trainer(
         accelerator=accelerator,
@@ -76,7 +123,25 @@ def _make_trainer(cfg: DictConfig, accelerator: str, logger, callbacks: list[Cal
         enable_checkpointing=False,  # RunCheckpoints writes last/best atomically instead
         enable_model_summary=False,
         enable_progress_bar=cfg.trainer.progress_bar,
+        plugins=[checkpoint_io or VerifiedCheckpointIO()],
     )
+
+
+def _claim_resumed_run(cfg: DictConfig, run_id: str) -> None:
+    """Refuse to resume a run that a live process is training; close one left RUNNING by a dead process."""
+    client = open_store(tracking_uri(cfg))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"resume={run_id}: the run has checkpoints under {cfg.out_dir} but is not in the "
+                          f"MLflow store {tracking_uri(cfg)}") from None
+    if run.info.status == "RUNNING" and owner_alive(run):
+        tags = run.data.tags
+        raise ConfigError(f"run {run_id} is being trained by process {tags['process.pid']} on this machine; "
+                          "stop it first (or wait for it to end)")
+    if close_if_orphaned(client, run):
+        print(f"note: run {run_id} was left RUNNING by process {run.data.tags['process.pid']}, which is gone; "
+              "continuing it from its last checkpoint", file=sys.stderr)
 
 
 def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, str] | None = None) -> RunResult:
@@ -92,8 +157,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
     L.seed_everything(cfg.seed, verbose=False)
     try:
         resume_dir = find_run_dir(cfg.out_dir, cfg.resume) if cfg.resume else None
-        last_ckpt = resume_dir / "checkpoints" / "last.ckpt" if resume_dir else None
-        start_step = load_checkpoint(last_ckpt)["global_step"] if last_ckpt else 0
+        if resume_dir:
+            _claim_resumed_run(cfg, resume_dir.name)
+        ckpt_path, ckpt = recover_checkpoint(resume_dir) if resume_dir else (None, None)
+        start_step = ckpt["global_step"] if ckpt else 0
         data = TokenDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)))
         data.setup("fit")  # fail on bad data now, before building anything else
         module = LMModule(cfg, data.vocab_size, data.bytes_per_token)
@@ -101,13 +168,20 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
         raise
     except (ValueError, ImportError) as e:  # bad config or data, or a missing optional package
         raise ConfigError(str(e)) from None
+    accelerator = "cuda" if cfg.trainer.accelerator == "auto" and torch.cuda.is_available() else cfg.trainer.accelerator
+    accelerator = "cpu" if accelerator == "auto" else accelerator
+    try:
+        _make_trainer(cfg, accelerator, False, [])  # a device or precision that Lightning refuses, before any run
+    except (MisconfigurationException, ValueError, RuntimeError) as e:
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator}, trainer.devices={cfg.trainer.devices}, "
+                          f"trainer.precision={cfg.trainer.precision}: {str(e).splitlines()[0]}") from None
     accumulate = cfg.trainer.accumulate_grad_batches
     data.set_start_batch(start_step * accumulate)
 
-    accelerator = "cuda" if cfg.trainer.accelerator == "auto" and torch.cuda.is_available() else cfg.trainer.accelerator
-    accelerator = "cpu" if accelerator == "auto" else accelerator
     logger = make_logger(cfg, run_id=resume_dir.name if resume_dir else None, extra_tags=tags)
     run_id = logger.run_id
+    checkpoints = RunCheckpoints(Path(cfg.out_dir) / "runs" / run_id / "checkpoints", cfg.trainer.stop_at_step)
+    ctrl_c = CtrlC()
     try:
         run_dir = Path(cfg.out_dir) / "runs" / run_id
         ckpt_dir = run_dir / "checkpoints"
@@ -125,25 +199,35 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
         client.set_tag(run_id, "data", data.describe())
 
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulate
-        callbacks = [
+        callbacks = [  # ValidationReport before RunCheckpoints: a validation is logged before its checkpoint exists
             *callbacks,
-            RunCheckpoints(ckpt_dir, cfg.trainer.stop_at_step),
-            Throughput(tokens_per_step, module.accounting.train_flops_per_token, cfg.trainer.log_every),
             ValidationReport(),
+            checkpoints,
+            ctrl_c,
+            Throughput(tokens_per_step, module.accounting.train_flops_per_token, cfg.trainer.log_every),
         ]
         if cfg.trainer.progress_bar:
             callbacks.append(TrainBar(refresh_rate=max(1, cfg.trainer.log_every // 2)))
-        trainer = _make_trainer(cfg, accelerator, logger, callbacks)
+        trainer = _make_trainer(cfg, accelerator, logger, callbacks, VerifiedCheckpointIO(ckpt_path, ckpt))
         print(f"run {run_id}: {module.accounting.summary()}")
         print(f"data: {data.describe()}")
         if cfg.trainer.compile:
             module.model = torch.compile(module.model)
-        trainer.fit(module, datamodule=data, ckpt_path=last_ckpt, weights_only=True)
-    except BaseException:
-        # whatever stopped the run before Lightning could finalize it, MLflow must not show it RUNNING
-        if logger.experiment.get_run(run_id).info.status == "RUNNING":
-            logger.experiment.set_terminated(run_id, "FAILED")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except BaseException as e:
+        # whatever stopped the run, MLflow must not show it RUNNING: KILLED for a signal, else FAILED
+        # (Lightning turns a KeyboardInterrupt it catches into SystemExit(1))
+        signalled = isinstance(e, (SIGTERMException, KeyboardInterrupt)) or (
+            isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt))
+        logger.experiment.set_terminated(run_id, "KILLED" if signalled else "FAILED")
+        if signalled:
+            name = "SIGINT" if ctrl_c.pressed or not isinstance(e, SIGTERMException) else "SIGTERM"
+            raise Interrupted(name, run_id, checkpoints.interrupted_at, checkpoints.last_path) from None
         raise
+    if module.nonfinite_stop:
+        logger.experiment.set_terminated(run_id, "FAILED")
+        logger.experiment.set_tag(run_id, "end_reason", module.nonfinite_stop)
+        raise FloatingPointError(module.nonfinite_stop)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     print(f"run {run_id} done at step {trainer.global_step}: " + ", ".join(
         f"{k} {metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/bpb") if k in metrics))

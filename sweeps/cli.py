@@ -16,9 +16,10 @@ import optuna
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from experiments.cli import one_line
 from experiments.config import ConfigError, compose
 from experiments.config import split_argv as split_run_argv
-from experiments.tracking import tracking_uri
+from experiments.tracking import open_store, tracking_uri
 from sweeps import budget as budgets
 from sweeps.samplers import PRUNERS, SAMPLERS, SINGLE_OBJECTIVE_SAMPLERS, make_pruner, make_sampler
 from sweeps.space import check_params, grid_space, target_keys
@@ -112,7 +113,7 @@ def open_session(argv: list[str], worker: int = 0) -> Session:
               "pruner": str(spec.pruner), "budget": budgets.describe(budget), "storage": redact(storage_url),
               "overrides": shlex.join(base_argv), "space": ", ".join(p.name for p in spec.params)}
     with setup_lock(base.out_dir):
-        client = MlflowClient(tracking_uri(base))
+        client = open_store(tracking_uri(base))
         storage = open_storage(storage_url, tracking_uri(base))
         study = open_study(storage, keys.get("study", spec.name), spec, budget, sampler, pruner)
         parent = parent_run(study, client, mlflow_experiment(client, base), params)
@@ -160,12 +161,15 @@ def main(argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    worker = next((int(a.split("=", 1)[1]) for a in argv if a.startswith("--worker=")), None)
+    workers = [a.split("=", 1)[1] for a in argv if a.startswith("--worker=")]
     argv = [a for a in argv if not a.startswith("--worker=")]
     try:
+        if workers and not workers[-1].isdigit():
+            raise ConfigError(f"--worker must be a worker number, got '{workers[-1]}'")
+        worker = int(workers[-1]) if workers else None
         s = open_session(argv, worker or 0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if worker is not None:  # one of run_workers' processes: trials only
         try:

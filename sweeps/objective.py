@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from experiments.config import ALIASES, compose
-from experiments.train import train
+from experiments.train import Interrupted, train
 from sweeps import budget as budgets
 from sweeps.space import format_value, short_params, trial_overrides
 from sweeps.spec import SweepSpec
@@ -89,8 +89,12 @@ class Objective:
             self._end(trial, "KILLED", "PRUNED", str(e))
             raise
         except (Exception, KeyboardInterrupt, SystemExit) as e:  # Lightning turns Ctrl+C into SystemExit
-            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
-            reason = "interrupted (Ctrl+C)" if interrupted else f"{type(e).__name__}: {e}"
+            if isinstance(e, Interrupted):  # SIGTERM or Ctrl-C, with the trial's run checkpointed
+                reason = f"interrupted: {e}"
+            elif isinstance(e, (KeyboardInterrupt, SystemExit)):
+                reason = "interrupted (Ctrl+C)"
+            else:
+                reason = f"{type(e).__name__}: {e}"
             trial.set_user_attr("fail_reason", reason)
             self._end(trial, "FAILED", "FAIL", reason)
             if isinstance(e, SystemExit):

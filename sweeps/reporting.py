@@ -1,6 +1,6 @@
 """The end of a study: its best trial (or Pareto front) with the run.py command that reproduces each,
 their resolved configs as YAML, a table of all trials, and the study's plots, written under
-<out_dir>/sweeps/<study>/ and logged to the study's MLflow parent run.
+<out_dir>/sweeps/<study>/ (each through a temporary file and a rename) and logged to the study's MLflow parent run.
 
     best.yaml                      the best trial's config (single objective)
     pareto/trial-<n>.yaml          each Pareto-optimal trial's config (several objectives)
@@ -9,6 +9,7 @@ their resolved configs as YAML, a table of all trials, and the study's plots, wr
 """
 from __future__ import annotations
 
+import io
 import shutil
 import warnings
 from collections import Counter
@@ -27,6 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from optuna.importance import FanovaImportanceEvaluator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
+from experiments.checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
 from experiments.config import ConfigError, compose  # noqa: E402
 from sweeps.space import short_params  # noqa: E402
 from sweeps.spec import SweepSpec  # noqa: E402
@@ -62,10 +64,10 @@ def report(study: optuna.Study, spec: SweepSpec, out: Path, client: MlflowClient
         except ConfigError as e:  # conf/ changed since the trial ran
             print(f"  (its config no longer composes: {e})")
             continue
-        path.write_text(f"# trial {t.number}: {values}\n# {t.user_attrs['command']}\n{cfg}")
+        atomic_write_text(path, f"# trial {t.number}: {values}\n# {t.user_attrs['command']}\n{cfg}")
         files.append(path)
     if trials:
-        study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+        atomic_write_text(out / "trials.csv", study.trials_dataframe().to_csv(index=False))
         files.append(out / "trials.csv")
     files += plots(study, spec, out)
     for path in files:
@@ -128,8 +130,10 @@ def plots(study: optuna.Study, spec: SweepSpec, out: Path) -> list[Path]:
         fig = ax.figure
         fig.set_size_inches(8, 5)
         fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
+        atomic_write_bytes(out / f"{name}.png", png.getvalue())
         written.append(out / f"{name}.png")
     return written
 

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from experiments.config import CONF_DIR, ConfigError
+from experiments.config import CONF_DIR, ConfigError, load_yaml
 from sweeps import budget as budgets
 from sweeps.space import Param, parse_params
 
@@ -82,10 +81,7 @@ def load_sweep(name: str) -> SweepSpec:
         close = difflib.get_close_matches(name, sweep_names(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown sweep '{name}'. Valid sweeps: {', '.join(sweep_names())}{hint}")
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    except (OmegaConfBaseException, OSError, ValueError) as e:
-        raise ConfigError(f"cannot read sweep file {path}: {str(e).splitlines()[0]}") from None
+    raw = OmegaConf.to_container(load_yaml(path)) or {}
     where = f"sweep '{path.stem}'"
     for key in raw:
         if key not in FILE_KEYS:

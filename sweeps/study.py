@@ -20,10 +20,10 @@ from omegaconf import DictConfig
 from optuna.pruners import BasePruner
 from optuna.samplers import BaseSampler
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal import JournalFileBackend
 
 from experiments.config import ConfigError
-from experiments.tracking import tracking_uri
+from experiments.tracking import file_lock, tracking_uri
 from sweeps import budget as budgets
 from sweeps.spec import SweepSpec
 
@@ -49,13 +49,8 @@ def redact(url: str) -> str:
 def setup_lock(out_dir: str) -> Iterator[None]:
     """Processes started together on one machine create the SQLite stores under out_dir and the study's
     parent run one at a time (creating the tables at once fails; two parents would split the trials)."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    lock = JournalFileOpenLock(str(Path(out_dir).resolve() / "sweep-setup"), grace_period=120)
-    lock.acquire()
-    try:
+    with file_lock(Path(out_dir).resolve() / "sweep-setup.lock"):
         yield
-    finally:
-        lock.release()
 
 
 def open_storage(url: str, tracking: str) -> BaseStorage:

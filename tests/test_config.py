@@ -1,6 +1,7 @@
 """Config composition: order of precedence, aliases, errors that name the fix, experiment files."""
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from experiments.build import build_model
 from experiments.cli import main_train
@@ -47,6 +48,15 @@ def test_precedence_file_then_dotted_then_alias():
         (["model.n_layers=2.5"], "model.n_layers"),
         (["no_equals_sign"], "expected key=value"),
         (["mixer.name=attention"], "pick a mixer with mixer=<name>"),
+        (["model=../config"], "unknown model '../config'"),  # a choice is a name in conf/<group>/, never a path
+        (["trainer.log_every=0"], "trainer.log_every must be >= 1"),
+        (["trainer.precision=fp8"], "trainer.precision must be one of"),
+        (["optim.lr=nan"], "optim.lr must be a finite number"),
+        (["seed=-1"], "seed must be in"),
+        (["tracking.run_name=${nope}"], "bad value for 'tracking.run_name'"),
+        (["model.d_model=${oc.env:HOME}"], "bad value for 'model.d_model'"),
+        (["model.d_model=[1,2"], "cannot parse the override 'model.d_model=\\[1,2'"),
+        ([" =1"], "expected key=value"),
     ],
 )
 def test_bad_command_lines_fail_with_a_clear_message(argv, match):
@@ -73,6 +83,21 @@ def test_cfg_prints_the_resolved_config(capsys):
     assert main_train(["--cfg", "experts=4"]) == 0
     out = capsys.readouterr().out
     assert "num_experts: 4" in out and "name: sinkhorn" in out
+
+
+def test_interpolations_are_resolved_once_with_the_built_in_resolvers(monkeypatch):
+    monkeypatch.setenv("RUN_TAG", "ablation-3")
+    cfg = compose(["tracking.run_name=${oc.env:RUN_TAG}", "tracking.experiment=${tracking.run_name}"])
+    assert OmegaConf.to_yaml(cfg).count("ablation-3") == 2 and "${" not in OmegaConf.to_yaml(cfg)
+
+
+def test_a_resumed_run_does_not_keep_the_early_stop_of_the_invocation_that_set_it(tmp_path):
+    run_dir = tmp_path / "runs" / "abc" / "checkpoints"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.ckpt").write_bytes(b"")
+    (run_dir.parent / "config.yaml").write_text(OmegaConf.to_yaml(compose(["trainer.stop_at_step=5", f"out_dir={tmp_path}"])))
+    assert compose([f"out_dir={tmp_path}", "resume=abc"]).trainer.stop_at_step is None
+    assert compose([f"out_dir={tmp_path}", "resume=abc", "trainer.stop_at_step=9"]).trainer.stop_at_step == 9
 
 
 def test_config_files_cannot_import_code():

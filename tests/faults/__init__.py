@@ -1,0 +1,1 @@
+"""Fault tests: each guarantee of docs/guarantees.md, checked with a real fault."""
