@@ -3,7 +3,8 @@
 Dispatch rule used everywhere: a kernel runs when its inputs are on a CUDA device and Triton imports;
 otherwise the PyTorch reference runs. On the CPU, tests run the kernels through Triton's interpreter
 (TRITON_INTERPRET=1, set before Triton is imported; fp32/fp16, tiny shapes), either by calling them
-directly or by forcing the dispatch with `force_triton()`.
+directly or by forcing the dispatch with `force_triton()`. `pytorch_reference()` does the opposite: the
+references run even on CUDA tensors, to check a whole model's kernel path against its reference path.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 _forced = False
+_disabled = False
 
 
 @functools.cache
@@ -34,8 +36,9 @@ def interpreting() -> bool:
 
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels should run for these inputs: Triton imports and the tensors are on a
-    CUDA device, or `force_triton()` is active and Triton is interpreting on the CPU."""
-    if not triton_available():
+    CUDA device, or `force_triton()` is active and Triton is interpreting on the CPU; never inside
+    `pytorch_reference()`."""
+    if _disabled or not triton_available():
         return False
     if _forced and interpreting():
         return True
@@ -53,3 +56,15 @@ def force_triton() -> Iterator[None]:
         yield
     finally:
         _forced = previous
+
+
+@contextlib.contextmanager
+def pytorch_reference() -> Iterator[None]:
+    """Run the PyTorch reference twins instead of the kernels, on any device (a mixer with backend=auto
+    included), e.g. to compare a model's loss on the GPU with and without its kernels."""
+    global _disabled
+    previous, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = previous
