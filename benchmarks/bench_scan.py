@@ -3,6 +3,7 @@ and mamba-ssm's CUDA kernels (when installed), one process, one GPU, bf16.
 
     python3 benchmarks/bench_scan.py            # about 3 minutes on an H200; OUT=dir also writes bench_scan.json
     python3 benchmarks/bench_scan.py --smoke    # every section on tiny CPU shapes under Triton's interpreter
+    python3 benchmarks/bench_scan.py --only=correctness_conv_and_mixer,mixer_timings   # some sections only
 
 Order: correctness first (bf16 and fp32 kernels against an fp64 reference on the same inputs, relative
 errors of every output and gradient), then medians of triton.testing.do_bench: scan forward and fwd+bwd at
@@ -18,6 +19,7 @@ import time
 import traceback
 
 SMOKE = "--smoke" in sys.argv
+ONLY = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")), None)
 if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
@@ -61,6 +63,8 @@ def log(msg: str) -> None:
 
 def section(fn):
     """Run one part of the benchmark; report and keep going on failure."""
+    if ONLY is not None and fn.__name__ not in (*ONLY, "env", "summary"):
+        return fn
     log(f"\n== {fn.__name__} ({time.time() - t_start:.0f} s)")
     try:
         fn()

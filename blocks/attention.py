@@ -4,6 +4,7 @@ Shapes: B batch, L new tokens, S cached + new tokens, H query heads, G key/value
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +24,13 @@ class AttentionConfig:
 
 @dataclass
 class AttentionCache:
+    """Keys and values of up to S tokens, and pos: the number of tokens already written, as a (1,) int64
+    tensor on the cache's device, so that a decoding step reads and advances it without the host (and a
+    CUDA graph that captured the step replays with the current position)."""
+
     k_BGSK: Tensor
     v_BGSK: Tensor
-    pos: int = 0  # number of tokens already in the cache
+    pos: Tensor
 
 
 def rotary(x_BHLK: Tensor, pos_L: Tensor, theta: float) -> Tensor:
@@ -68,7 +73,7 @@ class Attention(Mixer):
 
     def forward(self, x_BLD: Tensor, cache: AttentionCache | None = None) -> Tensor:
         B, L, _ = x_BLD.shape
-        start = cache.pos if cache is not None else 0
+        start = int(cache.pos) if cache is not None else 0  # one host read per prefill; `step` needs none
         pos_L = torch.arange(start, start + L, device=x_BLD.device)
         q, k, v = self._qkv(x_BLD, pos_L)
         if cache is None:
@@ -78,7 +83,7 @@ class Attention(Mixer):
                 raise ValueError(f"attention cache holds {cache.k_BGSK.shape[2]} tokens; asked for {start + L}")
             cache.k_BGSK[:, :, start : start + L] = k
             cache.v_BGSK[:, :, start : start + L] = v
-            cache.pos = start + L
+            cache.pos.fill_(start + L)
             k, v = cache.k_BGSK[:, :, : start + L], cache.v_BGSK[:, :, : start + L]
             # new query i sits at absolute position start + i and may see keys 0..start + i
             mask = torch.arange(start + L, device=x_BLD.device)[None, :] <= pos_L[:, None]
@@ -88,10 +93,28 @@ class Attention(Mixer):
         return self.out_proj(y.transpose(1, 2).reshape(B, L, self.H * self.K))
 
     def step(self, x_BD: Tensor, cache: AttentionCache) -> Tensor:
-        return self.forward(x_BD[:, None], cache)[:, 0]
+        """One token at position cache.pos, computed with no host synchronisation (CUDA-graph capturable).
+
+        The new key and value are written at the device-side position, and the query attends over the
+        whole static cache with the slots not yet written masked out, so no shape depends on the position.
+        Writing past the cache's end is an index error (on CUDA a device-side assert): the caller bounds it.
+        """
+        B = x_BD.shape[0]
+        pos_1 = cache.pos
+        q, k, v = self._qkv(x_BD[:, None], pos_1)
+        cache.k_BGSK.index_copy_(2, pos_1, k)
+        cache.v_BGSK.index_copy_(2, pos_1, v)
+        S = cache.k_BGSK.shape[2]
+        mask_1S = torch.arange(S, device=x_BD.device)[None, :] <= pos_1[:, None]
+        cache.pos.add_(1)
+        y = F.scaled_dot_product_attention(
+            q, cache.k_BGSK, cache.v_BGSK, attn_mask=mask_1S, enable_gqa=self.G != self.H
+        )
+        return self.out_proj(y.reshape(B, self.H * self.K))
 
     def allocate_cache(self, batch_size, max_len, device=None, dtype=None) -> AttentionCache:
         shape = (batch_size, self.G, max_len, self.K)
         dtype = dtype or self.qkv_proj.weight.dtype
         device = device or self.qkv_proj.weight.device
-        return AttentionCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        zeros = functools.partial(torch.zeros, shape, device=device, dtype=dtype)
+        return AttentionCache(zeros(), zeros(), torch.zeros(1, dtype=torch.int64, device=device))

@@ -81,6 +81,10 @@ class MixerBlock(nn.Module):
         h = self.norm(residual.to(self.norm.weight.dtype))
         return residual + self.mixer(h, cache).float(), {}
 
+    def step(self, residual_BD: Tensor, cache) -> Tensor:
+        h = self.norm(residual_BD.to(self.norm.weight.dtype))
+        return residual_BD + self.mixer.step(h, cache).float()
+
 
 class MLPBlock(nn.Module):
     """residual + mlp(RMSNorm(residual)); an MoE also returns its auxiliary losses."""
@@ -94,6 +98,12 @@ class MLPBlock(nn.Module):
         out = self.mlp(self.norm(residual.to(self.norm.weight.dtype)))
         out, aux = out if isinstance(out, tuple) else (out, {})
         return residual + out.float(), aux
+
+    def step(self, residual_BD: Tensor) -> Tensor:
+        """One decoding step; an MoE takes its sync-free decode path (MoE.step)."""
+        h = self.norm(residual_BD.to(self.norm.weight.dtype))
+        out = self.mlp.step(h) if isinstance(self.mlp, MoE) else self.mlp(h)
+        return residual_BD + out.float()
 
 
 class LM(nn.Module):
@@ -179,15 +189,13 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def step(self, idx_B: Tensor, cache: list) -> Tensor:
-        """One decoding step: logits (B, V) for the next token, advancing every mixer's state."""
+        """One decoding step: logits (B, V) for the next token, advancing every mixer's state.
+
+        Free of host synchronisation for the built-in mixers and MoE (no .item(), no data-dependent
+        shapes), so experiments.cuda_graphs can capture it whole in a CUDA graph."""
         residual = self.embedding(idx_B).float()
         for block, c in zip(self.layers, cache):
-            if isinstance(block, MixerBlock):
-                h = block.norm(residual.to(block.norm.weight.dtype))
-                residual = residual + block.mixer.step(h, c).float()
-            else:
-                residual, _ = block(residual[:, None])
-                residual = residual[:, 0]
+            residual = block.step(residual, c) if isinstance(block, MixerBlock) else block.step(residual)
         return self.head(residual)
 
     def allocate_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
