@@ -25,7 +25,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from analysis import plots
-from analysis.comparison import VAL_UNITS, latest_per_arm, router_rows, val_key
+from analysis.comparison import VAL_UNITS, arm_name, latest_per_arm, router_rows, val_key
 from analysis.metrics import byte_label, top_tokens_table
 from analysis.runs import (checkpoint_paths, client, find_runs, load_matrix, load_snapshots, moe_layer_names,
                            run_label, total_counters, utilization_history)
@@ -239,7 +239,20 @@ def comparison_sections(c: MlflowClient, runs: list[Run], fig_dir: Path, title: 
             "expert processed (dropped entirely, or chosen by no expert under expert choice). tokens/s is the "
             "mean training throughput over the run, measured on the machine that trained it.")
     figure = plots.save(plots.router_comparison(rows, f"{title}: routers side by side"), fig_dir / "router_comparison.png")
-    return [Section("Setup", text, table=setup), Section("Results", note, [figure], table=results)]
+    return [Section("Setup", text, table=setup), Section("Results", note, [figure], table=results),
+            *_unfinished_section(runs)]
+
+
+def _unfinished_section(runs: list[Run]) -> list[Section]:
+    """The arms among `runs` that did not finish (a crash, a divergence, a signal), with why: a comparison
+    must say which arms are missing from its table rather than leave them out silently."""
+    unfinished = [r for r in runs if r.info.status != "FINISHED"]
+    if not unfinished:
+        return []
+    table = [["arm", "run", "status", "reason"]] + [
+        [arm_name(r), r.info.run_id, r.info.status, r.data.tags.get("end_reason", "")] for r in unfinished]
+    return [Section("Arms that did not finish", f"{len(unfinished)} arm(s) are not in the results: "
+                    f"{', '.join(arm_name(r) for r in unfinished)}.", table=table)]
 
 
 def comparison_report(ref: str, out: str | Path, tracking_uri: str | None = None, fmt: str = "md",

@@ -1,12 +1,15 @@
 """Command-line front ends: turn argv into a config, report user errors in one line, no traceback."""
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from experiments.checkpoint import CheckpointError
-from experiments.config import ConfigError, compose, help_text
+from experiments.config import ConfigError, compose, experiment_runs, help_text
+from experiments.plugins import PluginError, load_plugins, missing_plugin_hint, split_plugin_args
 
 
 def one_line(message: object) -> str:
@@ -15,15 +18,33 @@ def one_line(message: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
+def with_plugins(argv: list[str]) -> list[str]:
+    """Load the plug-ins of `--plugin FILE` (repeatable) and $BLACKMAMBA_PLUGINS before anything composes a
+    config (their names are group choices, their YAML files group files); the rest of argv. Raises
+    PluginError for a missing file, one that fails to import, or a name that is taken."""
+    paths, rest = split_plugin_args(argv)
+    load_plugins(paths)
+    return rest
+
+
 def main_train(argv: list[str]) -> int:
     """run.py: 0 when the run ends, 2 for a bad command line, config, data or checkpoint, 1 when training
-    diverged (non-finite loss), 143 / 130 when SIGTERM / Ctrl-C stopped it (with a checkpoint)."""
+    diverged (non-finite loss) or an arm of a multi-run experiment failed, 143 / 130 when SIGTERM / Ctrl-C
+    stopped it (with a checkpoint)."""
+    try:
+        argv = with_plugins(argv)
+    except PluginError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
     show_cfg, show_runs = "--cfg" in argv, "--runs" in argv
     argv = [a for a in argv if a not in ("--cfg", "--runs")]
     try:
+        runs = experiment_runs(argv)
+        if runs:
+            return _main_comparison(argv, runs, show_cfg, show_runs)
         cfg = compose(argv)
         if show_cfg:
             print(OmegaConf.to_yaml(cfg), end="")
@@ -52,9 +73,33 @@ def main_train(argv: list[str]) -> int:
     return 0
 
 
+def _main_comparison(argv: list[str], runs: dict[str, list[str]], show_cfg: bool, show_runs: bool) -> int:
+    """run.py experiment=<one with runs:>: every arm, then one report (experiments.comparison)."""
+    from experiments.comparison import arm_configs, run_comparison
+
+    configs = arm_configs(argv, runs)
+    if show_cfg:
+        print("\n".join(f"# arm {name}\n{OmegaConf.to_yaml(cfg)}" for name, cfg in configs.items()), end="")
+        return 0
+    if show_runs:
+        from experiments.tracking import list_runs
+
+        print(list_runs(next(iter(configs.values()))))
+        return 0
+    result = run_comparison(argv, runs)
+    if result.report:
+        print(f"comparison report: {result.report}")
+    if result.failed:
+        print(f"error: {len(result.failed)} of {len(runs)} arms failed: "
+              + "; ".join(f"{name}: {reason}" for name, reason in result.failed.items()), file=sys.stderr)
+        return 1
+    return 0
+
+
 GENERATE_HELP = """usage: python generate.py ckpt=<path|last> [prompt="def "] [max_tokens=256] [temperature=0.8]
-                          [top_k=0] [top_p=1.0] [seed=0] [device=auto] [out_dir=outputs]
-ckpt=last takes the best checkpoint of the newest run under out_dir. temperature=0 decodes greedily."""
+                          [top_k=0] [top_p=1.0] [seed=0] [device=auto] [out_dir=outputs] [--plugin FILE ...]
+ckpt=last takes the best checkpoint of the newest run under out_dir. temperature=0 decodes greedily.
+A model with a plug-in mixer or router needs its file: --plugin FILE (repeatable) or $BLACKMAMBA_PLUGINS."""
 GENERATE_DEFAULTS = {"ckpt": None, "prompt": "def ", "max_tokens": 256, "temperature": 0.8, "top_k": 0,
                      "top_p": 1.0, "seed": 0, "device": "auto", "out_dir": "outputs"}
 
@@ -78,6 +123,11 @@ def _parse_generate_args(argv: list[str]) -> dict:
 
 
 def main_generate(argv: list[str]) -> int:
+    try:
+        argv = with_plugins(argv)
+    except PluginError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     if "-h" in argv or "--help" in argv:
         print(GENERATE_HELP)
         return 0
@@ -89,6 +139,7 @@ def main_generate(argv: list[str]) -> int:
     from experiments.generation import generate, load_model
     from experiments.tokenizers import build_tokenizer
 
+    ckpt = None
     try:
         args = _parse_generate_args(argv)
         ckpt = args["ckpt"]
@@ -101,7 +152,7 @@ def main_generate(argv: list[str]) -> int:
         model, saved = load_model(ckpt, device)
         tokenizer = build_tokenizer(_saved_tokenizer(saved))
     except (ConfigError, CheckpointError, ValueError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {one_line(_explain_unknown_name(e, ckpt))}", file=sys.stderr)
         return 2
     prompt_ids = tokenizer.encode(args["prompt"]) or [0]
     prompt = torch.tensor([prompt_ids], device=device)
@@ -114,6 +165,19 @@ def main_generate(argv: list[str]) -> int:
     print(args["prompt"] + tokenizer.decode(out[0].tolist()))
     print(f"\n[{args['max_tokens']} tokens in {dt:.2f} s: {args['max_tokens'] / dt:.1f} tokens/s on {device}]", file=sys.stderr)
     return 0
+
+
+UNKNOWN_NAME = re.compile(r"unknown (mixer|router) '([^']*)'")  # blocks.registry.lookup's message
+
+
+def _explain_unknown_name(error: Exception, ckpt) -> str:
+    """A checkpoint whose mixer or router is not registered was trained with a plug-in: say which (from its
+    run's plugins.json, runs/<id>/checkpoints/<file>.ckpt -> runs/<id>/) and how to load it."""
+    found = UNKNOWN_NAME.search(str(error))
+    if not found or ckpt is None:
+        return str(error)
+    run_dir = Path(str(ckpt)).expanduser().parent.parent
+    return f"{error}; {missing_plugin_hint(run_dir, *found.groups())}"
 
 
 def _saved_tokenizer(saved: dict) -> str:

@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from blocks import MIXERS
 from blocks.model import ModelConfig
 from blocks.moe import MoEConfig
-from blocks.registry import lookup
+from blocks.registry import NAME_PATTERN, lookup
+from experiments import plugins
 from experiments.checkpoint import find_run_dir
 from experiments.data import DataConfig
 from routers import ROUTERS
@@ -46,6 +47,9 @@ ALIASES = {
     "seq_len": "data.seq_len",
     "path": "data.path",
 }
+
+
+RUNS_KEY = "runs"  # in an experiment file: arm name -> overrides, one run each (experiments/comparison.py)
 
 
 class ConfigError(ValueError):
@@ -153,7 +157,8 @@ def _named_node(registry: dict, name: str, kind: str) -> DictConfig:
 
 
 def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """conf/<group>/'s files, and the names loaded plug-ins registered in the group."""
+    return sorted({p.stem for p in (CONF_DIR / group).glob("*.yaml")} | set(plugins.plugin_choices(group)))
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -175,7 +180,10 @@ def _load_group_file(group: str, choice: str) -> DictConfig:
         close = difflib.get_close_matches(choice, valid, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown {group} '{choice}'. Valid choices: {', '.join(valid)}{hint}")
-    return load_yaml(CONF_DIR / group / f"{choice}.yaml")
+    if (CONF_DIR / group / f"{choice}.yaml").is_file():
+        return load_yaml(CONF_DIR / group / f"{choice}.yaml")
+    own = plugins.group_file(group, choice)  # a plug-in's <name>.yaml beside it, or only its dataclass defaults
+    return load_yaml(own) if own else OmegaConf.create({})
 
 
 def _check_keys(schema: DictConfig, overrides: DictConfig, where: str) -> None:
@@ -220,14 +228,55 @@ def split_argv(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     return picks, dotted
 
 
-def compose(argv: list[str] | None = None) -> DictConfig:
-    """The resolved run config for a command line such as ['mixer=attention', 'experts=4']."""
+def experiment_runs(argv: list[str]) -> dict[str, list[str]]:
+    """The arms of the multi-run experiment that argv picks (its `runs:` mapping: arm name -> overrides), or
+    {} when the experiment picked (if any) is an ordinary one."""
+    name = split_argv(list(argv))[0].get("experiment")
+    return _runs(name, _load_group_file("experiment", name)) if name else {}
+
+
+def _runs(name: str, experiment: DictConfig) -> dict[str, list[str]]:
+    """An experiment file's `runs:` ({} without one), checked: arm names, and key=value overrides that neither
+    pick another experiment nor resume (an arm is one new run)."""
+    if RUNS_KEY not in experiment:
+        return {}
+    runs = OmegaConf.to_container(experiment[RUNS_KEY])
+    where = f"conf/experiment/{name}.yaml, runs"
+    if not isinstance(runs, dict) or not runs:
+        raise ConfigError(f"{where}: must map arm names to lists of overrides (top1: [router=top1])")
+    for arm, overrides in runs.items():
+        if not (isinstance(arm, str) and NAME_PATTERN.fullmatch(arm)):
+            raise ConfigError(f"{where}: arm name {arm!r} must be letters, digits, '_' or '-'")
+        if not (isinstance(overrides, list) and all(isinstance(o, str) and "=" in o for o in overrides)):
+            raise ConfigError(f"{where}.{arm}: must be a list of key=value overrides, got {overrides!r}")
+        bad = [o for o in overrides if o.partition("=")[0].strip() in ("experiment", "resume")]
+        if bad:
+            raise ConfigError(f"{where}.{arm}: an arm cannot set '{bad[0]}' (an arm is one new run)")
+    return runs
+
+
+def multi_run_error(name: str, runs: dict[str, list[str]], here: str) -> ConfigError:
+    first, overrides = next(iter(runs.items()))
+    return ConfigError(f"experiment={name} trains several runs ({', '.join(runs)}): only python run.py "
+                       f"experiment={name} runs it; {here}. To use one arm's settings, give its overrides instead "
+                       f"(arm {first}: {' '.join(overrides) or 'none'})")
+
+
+def compose(argv: list[str] | None = None, arm: bool = False) -> DictConfig:
+    """The resolved run config for a command line such as ['mixer=attention', 'experts=4']. An experiment with
+    `runs:` (several runs) is refused unless `arm` is set: then argv already holds one arm's overrides
+    (experiments.comparison composes each arm so) and `runs:` is left out of the config."""
     picks, dotted = split_argv(list(argv or []))
     base = OmegaConf.load(CONF_DIR / "config.yaml")
     defaults = dict(base.pop("defaults", {}))
     experiment = None
     if "experiment" in picks or "experiment" in defaults:
-        experiment = _load_group_file("experiment", picks.get("experiment", defaults.get("experiment")))
+        name = picks.get("experiment", defaults.get("experiment"))
+        experiment = _load_group_file("experiment", name)
+        runs = _runs(name, experiment)
+        if runs and not arm:
+            raise multi_run_error(name, runs, "a single run cannot take it")
+        experiment.pop(RUNS_KEY, None)
         defaults.update(dict(experiment.pop("defaults", {})))
     defaults.update(picks)
 
@@ -297,7 +346,7 @@ def _resumed(cfg: DictConfig, picks: dict[str, str], dotted: list[tuple[str, str
         resumed.mixer = _named_node(MIXERS, OmegaConf.select(saved, "mixer.name", default=""), "mixer")
         resumed.router = _named_node(ROUTERS, OmegaConf.select(saved, "router.name", default=""), "router")
     except (ValueError, OmegaConfBaseException) as e:
-        raise ConfigError(f"{run_dir / 'config.yaml'}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {str(e).splitlines()[0]}{_plugin_hint(run_dir, saved)}") from None
     resumed.moe = OmegaConf.structured(MoENode)
     _merge(resumed, saved, f"{run_dir}/config.yaml")
     resumed.trainer.stop_at_step = None  # it ended one invocation; the command line may set a new one
@@ -306,9 +355,18 @@ def _resumed(cfg: DictConfig, picks: dict[str, str], dotted: list[tuple[str, str
     return resumed
 
 
+def _plugin_hint(run_dir: Path, saved: DictConfig) -> str:
+    """For a saved run whose mixer or router is not registered: the plug-in it was trained with."""
+    for group, registry in (("mixer", MIXERS), ("router", ROUTERS)):
+        name = OmegaConf.select(saved, f"{group}.name", default=None)
+        if isinstance(name, str) and name not in registry:
+            return "; " + plugins.missing_plugin_hint(run_dir, group, name)
+    return ""
+
+
 def help_text() -> str:
-    lines = ["usage: python run.py [group=choice ...] [key.path=value ...] [alias=value ...] [--cfg] [--runs] [--help]",
-             ""]
+    lines = ["usage: python run.py [--plugin FILE ...] [group=choice ...] [key.path=value ...] [alias=value ...] "
+             "[--cfg] [--runs] [--help]", ""]
     lines.append("config groups (conf/<group>/<choice>.yaml):")
     for group in GROUPS:
         lines.append(f"  {group:<11} {', '.join(choices(group))}")
@@ -323,4 +381,7 @@ def help_text() -> str:
     lines.append("input, 130 / 143 stopped by Ctrl-C / SIGTERM (resume=<run id> continues). Examples:")
     lines.append("  python run.py mixer=mamba router=sinkhorn experts=8")
     lines.append("  python run.py experiment=blackmamba_small trainer.max_steps=2000")
+    lines.append("  python run.py experiment=router_comparison model=tiny steps=20   # one run per arm, then a report")
+    lines.append("  python run.py --plugin my_router.py router=my_router   # a router or mixer from your own file")
+    lines.append(f"--plugin FILE (repeatable) or ${plugins.PLUGIN_ENV}=FILE:FILE loads plug-ins (docs/routing.md).")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from experiments.checkpoint import (CheckpointError, RunCheckpoints, VerifiedChe
 from experiments.config import ConfigError
 from experiments.data import DataConfig, TokenDataModule
 from experiments.module import LMModule
+from experiments.plugins import record_plugins
 from experiments.progress import TrainBar, ValidationReport
 from experiments.throughput import Throughput
 from experiments.tracking import close_if_orphaned, make_logger, open_store, owner_alive, tracking_uri
@@ -188,6 +189,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
         client = logger.experiment
+        record_plugins(run_dir, client, run_id)  # resuming or loading this run later needs the same files
         if not resume_dir:
             logger.log_hyperparams(flatten(OmegaConf.to_container(cfg, resolve=True)))
             acc = module.accounting

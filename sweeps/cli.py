@@ -16,8 +16,9 @@ import optuna
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from experiments.cli import one_line
-from experiments.config import ConfigError, compose
+from experiments.cli import one_line, with_plugins
+from experiments.config import ConfigError, compose, experiment_runs, multi_run_error
+from experiments.plugins import PluginError
 from experiments.config import split_argv as split_run_argv
 from experiments.tracking import open_store, tracking_uri
 from sweeps import budget as budgets
@@ -97,6 +98,10 @@ def open_session(argv: list[str], worker: int = 0) -> Session:
         raise ConfigError(f"{', '.join(sorted(both))}: searched by sweep '{spec.name}' and also set on the "
                           "command line; drop one")
     base_argv = spec.overrides + run_argv
+    runs = experiment_runs(base_argv)
+    if runs:
+        name = split_run_argv(base_argv)[0]["experiment"]
+        raise multi_run_error(name, runs, "a sweep's trials are single runs")
     base = compose(base_argv)
     where = f"sweep '{spec.name}'"
     check_params(spec.params, base_argv, where)
@@ -137,7 +142,8 @@ def run_trials(s: Session) -> None:
 def run_workers(argv: list[str], n_trials: int, n_jobs: int) -> int:
     """Split n_trials over n_jobs processes that each run this command on the shared study. Each gets an
     equal share of the CPU threads (unless OMP_NUM_THREADS is set): oversubscribed OpenMP threads spin and
-    can make every worker many times slower."""
+    can make every worker many times slower. The plug-ins reach the workers through $BLACKMAMBA_PLUGINS,
+    which loading them set to every file this process loaded (argv no longer holds --plugin)."""
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
     argv = [a for a in argv if not a.startswith(("n_trials=", "n_jobs="))]
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n_jobs)), **os.environ}
@@ -158,6 +164,11 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
+    try:
+        argv = with_plugins(argv)  # before the session composes the base config: plug-in names are choices
+    except PluginError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -209,7 +220,7 @@ def header(s: Session) -> str:
 
 
 def help_text() -> str:
-    lines = ["usage: python sweep.py sweep=<name|file.yaml> [run.py overrides ...] [sweep keys ...]", "",
+    lines = ["usage: python sweep.py [--plugin FILE ...] sweep=<name|file.yaml> [run.py overrides ...] [sweep keys ...]", "",
              "sweeps (conf/sweep/<name>.yaml):"]
     for name in sweep_names():
         try:

@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from experiments.build import build_model
 from experiments.cli import main_train
-from experiments.config import ConfigError, choices, compose, help_text
+from experiments.config import ConfigError, choices, compose, experiment_runs, help_text
 
 
 def test_defaults_are_a_small_blackmamba():
@@ -109,6 +109,8 @@ def test_config_files_cannot_import_code():
 
 @pytest.mark.parametrize("name", choices("experiment"))
 def test_every_experiment_file_composes_and_builds(name):
-    cfg = compose([f"experiment={name}"])
-    with torch.device("meta"):
-        build_model(cfg, 256)
+    runs = experiment_runs([f"experiment={name}"])  # a multi-run experiment: each of its arms
+    for overrides in runs.values() if runs else [[]]:
+        cfg = compose([f"experiment={name}", *overrides], arm=bool(runs))
+        with torch.device("meta"):
+            build_model(cfg, 256)
