@@ -58,6 +58,7 @@ class ConfigError(ValueError):
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true", "64")
+STRATEGIES = ("auto", "ddp", "fsdp")  # Lightning's; docs/distributed.md
 
 
 def _check(ok: bool, message: str) -> None:
@@ -71,7 +72,9 @@ class TrainerConfig:
     val_every: int = 100  # validate (and checkpoint) every this many steps
     log_every: int = 10
     accelerator: str = "auto"  # auto: cuda when available, else cpu
-    devices: int = 1
+    devices: int = 1  # processes per node (one per GPU); > 1 runs data-parallel
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP: one unit per block); auto is DDP for several processes
     precision: str = "auto"  # auto: bf16-mixed on CUDA, 32-true on CPU
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
@@ -83,10 +86,13 @@ class TrainerConfig:
     nonfinite_stop_after: int = 3
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "val_every", "log_every", "devices", "accumulate_grad_batches", "nonfinite_stop_after"):
+        for key in ("max_steps", "val_every", "log_every", "devices", "num_nodes", "accumulate_grad_batches",
+                    "nonfinite_stop_after"):
             _check(getattr(self, key) >= 1, f"trainer.{key} must be >= 1, got {getattr(self, key)}")
         _check(self.accelerator in ACCELERATORS,
                f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got '{self.accelerator}'")
+        _check(self.strategy in STRATEGIES,
+               f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
         _check(self.precision in PRECISIONS,
                f"trainer.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
@@ -147,6 +153,15 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check(bool(self.out_dir.strip()), "out_dir must not be empty")
+        if self.moe is not None and self.moe.expert_parallel != 1:  # the rest is checked with the world size
+            ep, experts = self.moe.expert_parallel, self.moe.num_experts * self.moe.granularity
+            _check(ep >= 1 and experts % ep == 0, f"moe.expert_parallel={ep} must be >= 1 and divide the number of "
+                   f"experts {experts} (moe.num_experts x moe.granularity): each rank holds an equal share")
+            world = self.trainer.devices * self.trainer.num_nodes
+            _check(world % ep == 0, f"moe.expert_parallel={ep} must divide the number of processes {world} "
+                   f"(trainer.devices={self.trainer.devices} x trainer.num_nodes={self.trainer.num_nodes})")
+            _check(self.trainer.strategy != "fsdp", "moe.expert_parallel > 1 works with trainer.strategy=ddp "
+                   "(or auto), not fsdp")
 
 
 def _named_node(registry: dict, name: str, kind: str) -> DictConfig:

@@ -1,0 +1,422 @@
+"""Whole-model training step on one GPU, bf16-mixed, B 8 x L 2048: the BlackMamba presets and baselines.
+
+    python benchmarks/bench_train.py [--models blackmamba-1.5b,transformer] [--no-compile] [--offtheshelf PATH]
+    python benchmarks/bench_train.py --smoke     # the same code on the CPU: tiny shapes, fp32, no compile
+
+Every model is composed by experiments.config.compose, as run.py composes it, and built by LMModule, so it is
+the platform's own. The baselines match the shapes of the off-the-shelf anchor (d 1152, 15 mixers + 15 MLPs,
+vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model, in this order:
+
+  check     the loss and gradient norm with the kernels against the PyTorch reference path
+            (blocks.kernels.pytorch_reference) on the same weights and batch, to bf16 tolerance; then, from the
+            first steps of `step` below, that the training loss is finite and falls
+  fwd+bwd   model forward, loss (LMModule's, with the routers' aux losses) and backward under bf16 autocast
+            with fp32 weights, which is what Lightning's bf16-mixed runs; no optimizer
+  step      the whole training step as a run takes it: Lightning's Trainer (the one experiments.train builds)
+            driving LMModule.training_step, backward, the non-finite check, gradient clipping, the AdamW of
+            configure_optimizers, the LR schedule and zero_grad; timed between steps inside fit, so the
+            Trainer's own overhead is included
+  +compile  both again with every block torch.compile'd (one graph per block kind, which all layers of that
+            kind reuse, so compiling costs seconds, not minutes); a failure is printed with its reason
+
+Reports tokens/s, 6N-MFU (6 x active parameters x tokens/s over a dense bf16 matmul peak measured in the same
+process) and peak memory (torch.cuda.max_memory_allocated, reset per variant). --offtheshelf runs the anchor
+script after ours, in a subprocess, and prints ours / off-the-shelf per model. Table last; bench_train.json
+and bench_train.log under $OUT when it is set. Compile variants are skipped once --budget-s has passed, so a
+whole run stays within its GPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, IterableDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blocks.kernels import pytorch_reference  # noqa: E402
+from experiments.config import compose  # noqa: E402
+from experiments.module import LMModule  # noqa: E402
+from experiments.throughput import matmul_peak_flops  # noqa: E402
+from experiments.train import _make_trainer, _quiet  # noqa: E402  (the run's own Trainer settings)
+
+ATTENTION = ("mixer=attention", "mixer.n_heads=18")  # 18 heads of 64 at d 1152, as the anchor
+# name: (overrides, the anchor script's line for the same shape or None)
+MODELS = {
+    "blackmamba-1.5b": (("model=blackmamba-1.5b", "router=sinkhorn"), "blackmamba mamba+moe(sinkhorn)"),
+    "blackmamba-1.5b-top1": (("model=blackmamba-1.5b", "router=top1"), "blackmamba mamba+moe(top1)"),
+    "blackmamba-2.8b": (("model=blackmamba-2.8b", "router=sinkhorn"), None),
+    "mamba-mlp": (("model=blackmamba-1.5b", "model.mlp=mlp"), "dense mamba+mlp"),
+    "transformer": (("model=blackmamba-1.5b", *ATTENTION, "model.mlp=mlp"), "transformer attn+mlp"),
+    "transformer-moe": (("model=blackmamba-1.5b", *ATTENTION, "router=top1"), "transformer attn+moe(top1)"),
+}
+SMOKE = ("model.d_model=64", "model.n_layers=4", "model.ffn_dim=128", "model.vocab_size=512")
+CHECK_LOSS_RTOL, CHECK_GRAD_RTOL = 1e-2, 5e-2  # bf16 (8 bits of mantissa) through 30 layers
+LOSS_STEPS = 3  # training steps whose losses the check reads (all before the timed window)
+ANCHOR_LINE = re.compile(r"^(?P<name>.+?)\s+total\s+\d+M active\s+\d+M\s+fwd\+bwd\s+[\d.]+ ms\s+(?P<tps>\d+) tok/s")
+
+
+@dataclass
+class Setup:
+    """What differs between the GPU run and --smoke."""
+
+    device: torch.device
+    batch: int
+    seq_len: int
+    check_shape: tuple[int, int]  # (B, L) of the kernel-vs-reference check
+    warmup: int  # untimed calls before the timed ones
+    reps: int  # timed calls (fwd+bwd) or timed steps (step)
+    compile: bool
+    smoke: bool
+    peak: float = 0.0  # dense matmul FLOP/s, measured in this process
+    log_file: Path | None = None
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # --smoke: fp32, as run.py on a CPU
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+@dataclass
+class Result:
+    name: str
+    params_total: int = 0
+    params_active: int = 0
+    check: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)  # variant -> {ms, tokens_per_s, mfu_6n, peak_mem_gb}
+    notes: list = field(default_factory=list)
+
+
+def log(setup: Setup | None, msg: str) -> None:
+    print(msg, flush=True)
+    if setup is not None and setup.log_file is not None:
+        with setup.log_file.open("a") as f:
+            f.write(msg + "\n")
+
+
+def millions(n: int) -> str:
+    return f"{n / 1e6:,.0f}M" if n >= 1e7 else f"{n / 1e6:.2f}M"
+
+
+def run_config(name: str, setup: Setup, steps: int):
+    overrides, _ = MODELS[name]
+    argv = [*overrides, f"data.seq_len={setup.seq_len}", f"data.batch_size={setup.batch}",
+            f"trainer.max_steps={steps}", "trainer.progress_bar=false", f"out_dir={Path('outputs') / 'bench_train'}"]
+    if setup.smoke:
+        heads = ["mixer.n_heads=4"] if "mixer=attention" in overrides else []
+        argv += [*SMOKE, *heads, "trainer.accelerator=cpu"]
+    return compose(argv)
+
+
+def token_batch(setup: Setup, vocab: int, shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of ids in [0, min(256, vocab)): a byte-range batch, whose unigram shift a model learns in its first
+    steps, so the loss falls measurably over a few steps (uniform ids over the whole vocabulary cannot)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(256, vocab), (shape[0], shape[1] + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def lm_loss(module: LMModule, batch, setup: Setup) -> torch.Tensor:
+    """The training loss as LMModule.training_step forms it: next-token cross-entropy + the routers' aux losses."""
+    with setup.autocast():
+        loss, aux = module._lm_loss(batch)
+        return loss + sum(aux.values()) if aux else loss
+
+
+def grad_norm(module: LMModule) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def check_kernels(module: LMModule, setup: Setup) -> dict:
+    """Loss and gradient norm on one batch with the kernels, and with the PyTorch references, same weights."""
+    vocab = module.model.cfg.vocab_size
+    batch = tuple(t.to(setup.device) for t in token_batch(setup, vocab, setup.check_shape, seed=1))
+    out = {}
+    for path, ctx in (("kernels", contextlib.nullcontext()), ("reference", pytorch_reference())):
+        module.zero_grad(set_to_none=True)
+        with ctx:
+            loss = lm_loss(module, batch, setup)
+            loss.backward()
+        out[path] = (float(loss.detach()), grad_norm(module))
+    module.zero_grad(set_to_none=True)
+    (lk, gk), (lr, gr) = out["kernels"], out["reference"]
+    loss_rel, grad_rel = abs(lk - lr) / abs(lr), abs(gk - gr) / max(gr, 1e-30)
+    ok = math.isfinite(lk) and loss_rel <= CHECK_LOSS_RTOL and grad_rel <= CHECK_GRAD_RTOL
+    return {"loss_kernels": lk, "loss_reference": lr, "loss_rel": loss_rel, "grad_norm_kernels": gk,
+            "grad_norm_reference": gr, "grad_norm_rel": grad_rel, "kernels_match": ok}
+
+
+def time_ms(fn, setup: Setup, before=None) -> float:
+    """Median time of `fn` in ms over setup.reps calls after setup.warmup (CUDA events on a GPU);
+    `before` runs ahead of each call, untimed."""
+    for _ in range(setup.warmup):
+        if before:
+            before()
+        fn()
+    times = []
+    for _ in range(setup.reps):
+        if before:
+            before()
+        setup.sync()
+        if setup.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def reset_memory(setup: Setup) -> None:
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(setup: Setup) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if setup.device.type == "cuda" else None
+
+
+def record(result: Result, variant: str, ms: float, setup: Setup) -> None:
+    tps = setup.batch * setup.seq_len / ms * 1e3
+    row = {"ms": ms, "tokens_per_s": tps, "mfu_6n": 6 * result.params_active * tps / setup.peak,
+           "peak_mem_gb": peak_gb(setup)}
+    result.variants[variant] = row
+    mem = f"{row['peak_mem_gb']:.1f} GB" if row["peak_mem_gb"] is not None else "-"
+    log(setup, f"  {variant:<16} {ms:9.2f} ms  {tps:10,.0f} tok/s  6N-MFU {100 * row['mfu_6n']:5.1f}%  peak {mem}")
+
+
+def time_fwd_bwd(module: LMModule, result: Result, variant: str, setup: Setup) -> None:
+    vocab = module.model.cfg.vocab_size
+    batch = tuple(t.to(setup.device) for t in token_batch(setup, vocab, (setup.batch, setup.seq_len), seed=2))
+    module.train()
+    reset_memory(setup)
+
+    def step():
+        lm_loss(module, batch, setup).backward()
+
+    ms = time_ms(step, setup, before=lambda: module.zero_grad(set_to_none=True))
+    module.zero_grad(set_to_none=True)
+    record(result, variant, ms, setup)
+
+
+class StepTimer(Callback):
+    """Reads the first LOSS_STEPS training losses, then times `reps` steps after `warmup` of them; the clock is
+    read after a device sync at both ends of the window only, so the steps inside run as in a real run."""
+
+    def __init__(self, setup: Setup, warmup: int):
+        self.setup, self.warmup = setup, warmup
+        self.losses: list[float] = []
+        self.marks: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if len(self.losses) < LOSS_STEPS:
+            self.losses.append(float(outputs["loss"]))
+        if trainer.global_step in (self.warmup, self.warmup + self.setup.reps):
+            self.setup.sync()
+            self.marks.append(time.perf_counter())
+
+
+class Repeat(IterableDataset):
+    """The same batch, endlessly (as the run's train stream is endless; max_steps ends fit)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def time_train_step(module: LMModule, result: Result, variant: str, setup: Setup) -> list[float]:
+    """The Trainer's whole step on one fixed batch (moved to the device each step, as a run's batches are).
+    Returns the first training losses."""
+    warmup = max(setup.warmup, LOSS_STEPS)
+    assert module.cfg.trainer.max_steps == warmup + setup.reps, "run_config(steps=...) sets the trainer's length"
+    batch = token_batch(setup, module.model.cfg.vocab_size, (setup.batch, setup.seq_len), seed=3)
+    timer = StepTimer(setup, warmup)
+    trainer = _make_trainer(module.cfg, setup.device.type, False, [timer])
+    reset_memory(setup)
+    trainer.fit(module, train_dataloaders=DataLoader(Repeat(batch), batch_size=None))
+    if len(timer.marks) != 2:
+        raise RuntimeError(f"the trainer ran {trainer.global_step} of {module.cfg.trainer.max_steps} steps")
+    record(result, variant, (timer.marks[1] - timer.marks[0]) / setup.reps * 1e3, setup)
+    del trainer
+    module.zero_grad(set_to_none=True)
+    return timer.losses
+
+
+def compile_blocks(module: LMModule) -> None:
+    for block in module.model.layers:
+        block.compile()
+
+
+def uncompile_blocks(module: LMModule) -> None:
+    for block in module.model.layers:
+        block._compiled_call_impl = None  # what nn.Module.compile() set
+
+
+def try_compiled(module: LMModule, result: Result, setup: Setup) -> None:
+    compile_blocks(module)
+    try:
+        t0 = time.perf_counter()
+        lm_loss(module, tuple(t.to(setup.device) for t in token_batch(setup, module.model.cfg.vocab_size,
+                                                                       (setup.batch, setup.seq_len), 4)),
+                setup).backward()
+        setup.sync()
+        log(setup, f"  compiled blocks: first fwd+bwd {time.perf_counter() - t0:.1f} s (compile included)")
+        module.zero_grad(set_to_none=True)
+        time_fwd_bwd(module, result, "fwd+bwd compiled", setup)
+        time_train_step(module, result, "step compiled", setup)
+    except Exception as e:  # a graph that dynamo or inductor cannot take: say why, keep the eager figures
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        result.notes.append(f"torch.compile failed: {reason}")
+        log(setup, f"  torch.compile failed: {reason}")
+    finally:
+        uncompile_blocks(module)
+        torch._dynamo.reset()
+
+
+def bench_model(name: str, setup: Setup, t_start: float, budget_s: float) -> Result:
+    result = Result(name)
+    torch.manual_seed(0)
+    cfg = run_config(name, setup, steps=max(setup.warmup, LOSS_STEPS) + setup.reps)
+    with setup.device:  # weights made on the device: a 2.8B model initialises in a second, not a minute
+        module = LMModule(cfg, cfg.model.vocab_size)
+    acc = module.accounting
+    result.params_total, result.params_active = acc.total_params, acc.active_params
+    log(setup, f"\n{name}: {millions(acc.total_params)} params, {millions(acc.active_params)} active; "
+               f"overrides {' '.join(MODELS[name][0])}")
+    module.train()
+    result.check = check_kernels(module, setup)
+    c = result.check
+    log(setup, f"  check: loss kernels {c['loss_kernels']:.5f} reference {c['loss_reference']:.5f} "
+               f"(rel {c['loss_rel']:.1e}), grad norm rel {c['grad_norm_rel']:.1e}: "
+               f"{'ok' if c['kernels_match'] else 'MISMATCH'}")
+    time_fwd_bwd(module, result, "fwd+bwd", setup)
+    losses = time_train_step(module, result, "step", setup)
+    falls = all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    result.check.update(train_losses=losses, loss_falls=falls)
+    log(setup, f"  check: training losses {', '.join(f'{v:.4f}' for v in losses)}: {'fall' if falls else 'DO NOT FALL'}")
+    if setup.compile:
+        if time.perf_counter() - t_start > budget_s:
+            result.notes.append("compile variants skipped: --budget-s reached")
+            log(setup, "  compile variants skipped: --budget-s reached")
+        else:
+            try_compiled(module, result, setup)
+    del module
+    reset_memory(setup)
+    return result
+
+
+def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
+    """Run the anchor script (its own process, so its CUDA memory is its own) and read tokens/s per line."""
+    log(setup, f"\noff-the-shelf: {sys.executable} {path}")
+    proc = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=600)
+    found = {}
+    for line in proc.stdout.splitlines():
+        log(setup, f"  | {line}")
+        m = ANCHOR_LINE.match(line)
+        if m:
+            found[m.group("name").strip()] = float(m.group("tps"))
+    if proc.returncode != 0:
+        log(setup, f"  off-the-shelf exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}")
+    return found
+
+
+def table(results: list[Result], anchor: dict[str, float], setup: Setup) -> None:
+    variants = ["fwd+bwd", "step", "fwd+bwd compiled", "step compiled"]
+    log(setup, "\n| model | params total / active | check | variant | ms | tokens/s | 6N-MFU | peak GB | ours / off-the-shelf |")
+    log(setup, "|---|---|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        ok = r.check.get("kernels_match") and r.check.get("loss_falls")
+        other = anchor.get(MODELS[r.name][1] or "")
+        for v in variants:
+            if v not in r.variants:
+                continue
+            row = r.variants[v]
+            mem = f"{row['peak_mem_gb']:.1f}" if row["peak_mem_gb"] is not None else "-"
+            ratio = f"{row['tokens_per_s'] / other:.2f}" if other else "-"
+            log(setup, f"| {r.name} | {millions(r.params_total)} / {millions(r.params_active)} | "
+                       f"{'ok' if ok else 'FAILED'} | {v} | {row['ms']:.1f} | {row['tokens_per_s']:,.0f} | "
+                       f"{100 * row['mfu_6n']:.1f}% | {mem} | {ratio} |")
+        for note in r.notes:
+            log(setup, f"  {r.name}: {note}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, no compile, a few steps")
+    ap.add_argument("--offtheshelf", metavar="PATH", help="run this anchor script after ours and print the ratios")
+    ap.add_argument("--budget-s", type=float, default=150.0,
+                    help="no compile variant starts after this many seconds (default 150)")
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+    return args
+
+
+def make_setup(args: argparse.Namespace) -> Setup:
+    out = os.environ.get("OUT")
+    log_file = Path(out) / "bench_train.log" if out else None
+    if log_file is not None:
+        log_file.write_text("")
+    if args.smoke:
+        return Setup(torch.device("cpu"), 2, 32, (1, 16), warmup=0, reps=1, compile=False, smoke=True, log_file=log_file)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_train.py needs a CUDA GPU (or --smoke for the CPU path)")
+    return Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=2, reps=5, compile=not args.no_compile,
+                 smoke=False, log_file=log_file)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    setup = make_setup(args)
+    _quiet()
+    t0 = time.perf_counter()
+    dtype = torch.bfloat16 if setup.device.type == "cuda" else torch.float32
+    setup.peak = matmul_peak_flops(setup.device, dtype)
+    name = torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu"
+    log(setup, f"{name}, torch {torch.__version__}; dense {dtype} matmul {setup.peak / 1e12:.1f} TFLOP/s (6N-MFU "
+               f"denominator); B {setup.batch} x L {setup.seq_len}")
+    results = [bench_model(m, setup, t0, args.budget_s) for m in args.models.split(",")]
+    anchor = run_offtheshelf(args.offtheshelf, setup) if args.offtheshelf else {}
+    table(results, anchor, setup)
+    log(setup, f"total {time.perf_counter() - t0:.0f} s")
+    if os.environ.get("OUT"):
+        payload = {"device": name, "torch": torch.__version__, "peak_flops": setup.peak, "batch": setup.batch,
+                   "seq_len": setup.seq_len, "offtheshelf_tokens_per_s": anchor,
+                   "models": [r.__dict__ for r in results]}
+        Path(os.environ["OUT"], "bench_train.json").write_text(json.dumps(payload, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""benchmarks/bench_train.py's --smoke path (the GPU code on the CPU, tiny shapes), so the script cannot rot."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blocks.kernels import force_triton, pytorch_reference, use_triton
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    """benchmarks/ is no package: load the script by path (registered first, as its dataclasses need)."""
+    if "bench_train" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_train", ROOT / "benchmarks" / "bench_train.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_train"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_train"]
+
+
+def test_pytorch_reference_turns_the_kernels_off_and_restores_them():
+    x = torch.zeros(2)
+    with force_triton():
+        assert use_triton(x)
+        with pytorch_reference():
+            assert not use_triton(x)
+        assert use_triton(x)
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: two models, each checked, timed and trained a few steps
+def test_smoke_run_checks_times_and_compares_with_the_anchor(tmp_path, monkeypatch):
+    """One Mamba + MoE and one attention + MLP model (every block kind), the anchor matched by its printed line."""
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text('print(f"{\'blackmamba mamba+moe(sinkhorn)\':34s} total    1458M active   344M  '
+                      'fwd+bwd   145.6 ms     112559 tok/s  6N-MFU 33.5%")\n')
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # its outputs/ folder (Lightning's default root) stays in tmp_path
+    bench = load_bench()
+    results = bench.main(["--smoke", "--models", "blackmamba-1.5b,transformer", "--offtheshelf", str(anchor)])
+    assert [r.name for r in results] == ["blackmamba-1.5b", "transformer"]
+    for r in results:
+        assert r.check["kernels_match"] and r.check["loss_falls"], r.check
+        assert set(r.variants) == {"fwd+bwd", "step"}  # --smoke never compiles
+        assert all(v["tokens_per_s"] > 0 for v in r.variants.values())
+        assert 0 < r.params_active <= r.params_total
+    assert results[0].params_active < results[0].params_total  # MoE: one expert of 8 active
+    saved = json.loads((tmp_path / "bench_train.json").read_text())
+    assert saved["offtheshelf_tokens_per_s"] == {"blackmamba mamba+moe(sinkhorn)": 112559.0}
+    table = (tmp_path / "bench_train.log").read_text()
+    assert "| blackmamba-1.5b |" in table and "| transformer |" in table
+
+
+def test_unknown_model_is_refused_with_the_valid_names(capsys):
+    with pytest.raises(SystemExit):
+        load_bench().parse_args(["--models", "blackmamba-9b"])
+    assert "blackmamba-1.5b" in capsys.readouterr().err
+
+
+def test_every_model_composes_at_its_full_size():
+    """The GPU shapes compose and match the anchor's: d 1152, 30 blocks, 18 heads of 64 (nothing built)."""
+    bench = load_bench()
+    setup = bench.Setup(torch.device("cpu"), 8, 2048, (1, 512), 2, 5, compile=True, smoke=False)
+    for name in bench.MODELS:
+        cfg = bench.run_config(name, setup, steps=8)
+        assert cfg.data.seq_len == 2048 and cfg.data.batch_size == 8 and cfg.model.vocab_size == 50304
+        if cfg.mixer.name == "attention":
+            assert cfg.model.d_model // cfg.mixer.n_heads == 64
