@@ -118,7 +118,8 @@ def run_dir(run: Run) -> Path | None:
 
 
 def checkpoint_paths(run: Run) -> list[Path]:
-    """The run's checkpoints on this machine: the train loop keeps last.ckpt and best.ckpt (no others)."""
+    """The run's checkpoints on this machine: the train loop keeps last.ckpt, prev.ckpt (the one before it) and
+    best.ckpt; *.corrupt files (set aside at resume) and *.tmp files are not checkpoints."""
     tag = run.data.tags.get("checkpoint_dir")
     return sorted(Path(tag).glob("*.ckpt")) if tag and Path(tag).is_dir() else []
 

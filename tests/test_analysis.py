@@ -234,7 +234,7 @@ def test_router_saturation_from_snapshots_and_checkpoints(tiny_runs, client):
     for values in agreement.values():
         assert values[-1] == 1.0 and ((0 <= values) & (values <= 1)).all()
     ckpts = runs.checkpoint_paths(run)
-    assert [p.name for p in ckpts] == ["best.ckpt", "last.ckpt"]
+    assert [p.name for p in ckpts] == ["best.ckpt", "last.ckpt", "prev.ckpt"]
     rows = checkpoint_saturation(ckpts, snaps[-1]["val_token_ids"])
     assert rows[-1][1] == 6 and all(v == 1.0 for v in rows[-1][2].values())
     # the final checkpoint routes the val batch exactly as the last validation recorded it
