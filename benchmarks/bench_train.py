@@ -271,66 +271,96 @@ def time_train_step(module: LMModule, result: Result, variant: str, setup: Setup
 
 
 def compile_blocks(module: LMModule) -> None:
+    """torch.compile each block in place. Blocks of one kind share their code and, with nn.Module inlining
+    (the default), their graphs: the compile cost is paid once per block kind, not once per layer."""
     for block in module.model.layers:
         block.compile()
 
 
-def uncompile_blocks(module: LMModule) -> None:
-    for block in module.model.layers:
-        block._compiled_call_impl = None  # what nn.Module.compile() set
-
-
-def try_compiled(module: LMModule, result: Result, setup: Setup) -> None:
-    compile_blocks(module)
-    try:
-        t0 = time.perf_counter()
-        lm_loss(module, tuple(t.to(setup.device) for t in token_batch(setup, module.model.cfg.vocab_size,
-                                                                       (setup.batch, setup.seq_len), 4)),
-                setup).backward()
-        setup.sync()
-        log(setup, f"  compiled blocks: first fwd+bwd {time.perf_counter() - t0:.1f} s (compile included)")
-        module.zero_grad(set_to_none=True)
-        time_fwd_bwd(module, result, "fwd+bwd compiled", setup)
-        time_train_step(module, result, "step compiled", setup)
-    except Exception as e:  # a graph that dynamo or inductor cannot take: say why, keep the eager figures
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        result.notes.append(f"torch.compile failed: {reason}")
-        log(setup, f"  torch.compile failed: {reason}")
-    finally:
-        uncompile_blocks(module)
-        torch._dynamo.reset()
-
-
-def bench_model(name: str, setup: Setup, t_start: float, budget_s: float) -> Result:
-    result = Result(name)
+def build(name: str, setup: Setup) -> LMModule:
     torch.manual_seed(0)
     cfg = run_config(name, setup, steps=max(setup.warmup, LOSS_STEPS) + setup.reps)
     with setup.device:  # weights made on the device: a 2.8B model initialises in a second, not a minute
         module = LMModule(cfg, cfg.model.vocab_size)
+    module.train()
+    return module
+
+
+def check_training(module: LMModule, result: Result, variant: str, setup: Setup) -> None:
+    """Time the Trainer's step; its first losses must be finite and fall."""
+    losses = time_train_step(module, result, variant, setup)
+    falls = all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    result.check[f"{variant}: train_losses"] = losses
+    result.check["loss_falls"] = result.check.get("loss_falls", True) and falls
+    log(setup, f"  check ({variant}): training losses {', '.join(f'{v:.4f}' for v in losses)}: "
+               f"{'fall' if falls else 'DO NOT FALL'}")
+
+
+def bench_eager(name: str, setup: Setup) -> Result:
+    result = Result(name)
+    module = build(name, setup)
     acc = module.accounting
     result.params_total, result.params_active = acc.total_params, acc.active_params
     log(setup, f"\n{name}: {millions(acc.total_params)} params, {millions(acc.active_params)} active; "
                f"overrides {' '.join(MODELS[name][0])}")
-    module.train()
     result.check = check_kernels(module, setup)
     c = result.check
     log(setup, f"  check: loss kernels {c['loss_kernels']:.5f} reference {c['loss_reference']:.5f} "
                f"(rel {c['loss_rel']:.1e}), grad norm rel {c['grad_norm_rel']:.1e}: "
                f"{'ok' if c['kernels_match'] else 'MISMATCH'}")
     time_fwd_bwd(module, result, "fwd+bwd", setup)
-    losses = time_train_step(module, result, "step", setup)
-    falls = all(map(math.isfinite, losses)) and losses[-1] < losses[0]
-    result.check.update(train_losses=losses, loss_falls=falls)
-    log(setup, f"  check: training losses {', '.join(f'{v:.4f}' for v in losses)}: {'fall' if falls else 'DO NOT FALL'}")
-    if setup.compile:
+    check_training(module, result, "step", setup)
+    return result
+
+
+def bench_compiled(result: Result, setup: Setup) -> None:
+    """The same model built afresh with every block compiled; a compile failure is recorded with its reason."""
+    log(setup, f"\n{result.name}, compiled blocks:")
+    module = build(result.name, setup)
+    compile_blocks(module)
+    try:
+        batch = tuple(t.to(setup.device) for t in token_batch(setup, module.model.cfg.vocab_size,
+                                                              (setup.batch, setup.seq_len), seed=4))
+        t0 = time.perf_counter()
+        lm_loss(module, batch, setup).backward()
+        setup.sync()
+        log(setup, f"  first fwd+bwd {time.perf_counter() - t0:.1f} s (compiling included)")
+        module.zero_grad(set_to_none=True)
+        time_fwd_bwd(module, result, "fwd+bwd compiled", setup)
+        check_training(module, result, "step compiled", setup)
+    except Exception as e:  # a graph that dynamo or inductor cannot take: say why, keep the eager figures
+        result.notes.append(f"torch.compile failed: {failure(e)}")
+        log(setup, f"  torch.compile failed: {failure(e)}")
+    finally:
+        del module
+        torch._dynamo.reset()
+        reset_memory(setup)
+
+
+def failure(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def bench_all(names: list[str], setup: Setup, t_start: float, budget_s: float) -> list[Result]:
+    """Eager figures of every model first; then compiled ones, in the order given, while the budget lasts.
+    A model that fails (out of memory, a kernel error) is reported and the others still run."""
+    results = []
+    for name in names:
+        try:
+            results.append(bench_eager(name, setup))
+        except Exception as e:
+            log(setup, f"  {name} failed: {failure(e)}")
+            results.append(Result(name, notes=[f"failed: {failure(e)}"]))
+        reset_memory(setup)
+    for result in results:
+        if not setup.compile or not result.variants:
+            continue
         if time.perf_counter() - t_start > budget_s:
             result.notes.append("compile variants skipped: --budget-s reached")
-            log(setup, "  compile variants skipped: --budget-s reached")
-        else:
-            try_compiled(module, result, setup)
-    del module
-    reset_memory(setup)
-    return result
+            continue
+        bench_compiled(result, setup)
+    return results
 
 
 def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
@@ -404,9 +434,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
     dtype = torch.bfloat16 if setup.device.type == "cuda" else torch.float32
     setup.peak = matmul_peak_flops(setup.device, dtype)
     name = torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu"
-    log(setup, f"{name}, torch {torch.__version__}; dense {dtype} matmul {setup.peak / 1e12:.1f} TFLOP/s (6N-MFU "
+    log(setup, f"{name}, torch {torch.__version__}; dense {dtype} matmul {setup.peak / 1e12:.3g} TFLOP/s (6N-MFU "
                f"denominator); B {setup.batch} x L {setup.seq_len}")
-    results = [bench_model(m, setup, t0, args.budget_s) for m in args.models.split(",")]
+    results = bench_all(args.models.split(","), setup, t0, args.budget_s)
     anchor = run_offtheshelf(args.offtheshelf, setup) if args.offtheshelf else {}
     table(results, anchor, setup)
     log(setup, f"total {time.perf_counter() - t0:.0f} s")

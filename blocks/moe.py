@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.expert_parallel import ep_moe_experts
 from blocks.kernels import use_triton
 from blocks.mlp import MLP, glu_activation
 from routers import ExpertChoiceRouter, Routing, build_router, count_per_expert
@@ -33,7 +34,10 @@ class MoEConfig:
         computed as one dense MLP of width K_s*F/m added to the routed output (0 = none).
     shared_ffn_dim: the width of that dense shared MLP given directly instead (0 = none); set at most one
         of the two.
-    router, router_cfg: a name in routers.ROUTERS and overrides of its config dataclass."""
+    router, router_cfg: a name in routers.ROUTERS and overrides of its config dataclass.
+    expert_parallel: the size P of the expert-parallel group in a distributed run (P must divide the E experts
+        and the number of processes); the layer is built whole and sharded once torch.distributed is up
+        (blocks.expert_parallel.shard_experts). 1 = every rank holds every expert."""
 
     num_experts: int = 8
     top_k: int = 1
@@ -45,6 +49,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     router: str = "sinkhorn"
     router_cfg: dict | None = None
+    expert_parallel: int = 1  # P ranks share the experts, E/P each (blocks/expert_parallel.py); 1 = off
 
 
 def apply_capacity(expert_ids_TK: Tensor, mask_TK: Tensor | None, num_experts: int, capacity: int) -> Tensor:
@@ -186,6 +191,7 @@ class MoE(nn.Module):
     """
 
     AUX_LOSS_NAMES = ("balance", "z")  # the routers' auxiliary losses, accumulated per layer
+    expert_groups = None  # set by blocks.expert_parallel.shard_experts when the experts are sharded
 
     def __init__(self, d_model: int, cfg: MoEConfig, ffn_dim: int):
         super().__init__()
@@ -195,6 +201,9 @@ class MoE(nn.Module):
             raise ValueError(f"num_experts must be >= 1, got {cfg.num_experts}")
         if not 1 <= cfg.top_k <= cfg.num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={cfg.num_experts}], got {cfg.top_k}")
+        if cfg.expert_parallel < 1 or (cfg.num_experts * m) % cfg.expert_parallel:
+            raise ValueError(f"moe.expert_parallel={cfg.expert_parallel} must be >= 1 and divide the number of experts "
+                             f"{cfg.num_experts * m} (num_experts x granularity): each rank holds an equal share")
         if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {cfg.capacity_factor}")
         if d_model < 1 or ffn < 1:
@@ -254,10 +263,14 @@ class MoE(nn.Module):
         if self.training and self.cfg.capacity_factor is not None:
             capacity = math.ceil(self.cfg.capacity_factor * B * L * self.top_k / self.num_experts)
             mask_TK = apply_capacity(routing.expert_ids_TK, routing.mask_TK, self.num_experts, capacity)
-        y_TD = moe_experts(
-            x_TD, routing.expert_ids_TK, routing.weights_TK, mask_TK, self.w_in, self.w_out, self.cfg.activation,
-            max_active_slots=self._max_active_slots(B * L),
-        )
+        if self.expert_groups is not None:  # this rank holds E/P experts: all-to-all to the others'
+            y_TD = ep_moe_experts(x_TD, routing.expert_ids_TK, routing.weights_TK, mask_TK, self.w_in, self.w_out,
+                                  self.cfg.activation, self.expert_groups)
+        else:
+            y_TD = moe_experts(
+                x_TD, routing.expert_ids_TK, routing.weights_TK, mask_TK, self.w_in, self.w_out, self.cfg.activation,
+                max_active_slots=self._max_active_slots(B * L),
+            )
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         token_ids, self._observed_ids = self._observed_ids, None
