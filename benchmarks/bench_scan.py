@@ -298,6 +298,7 @@ def mixer_timings():
             from mamba_ssm.modules.mamba_simple import Mamba as MambaSSM
 
             mixers.append(("ours backend=mamba_ssm", Mamba(d_model, MambaConfig(backend="mamba_ssm"))))
+            mixers.append(("ours backend=auto", Mamba(d_model, MambaConfig(backend="auto"))))  # the measured pick
             conv = "with causal-conv1d" if causal_conv1d_fn is not None else "without causal-conv1d"
             mixers.append((f"mamba_ssm Mamba module ({conv})", MambaSSM(d_model=d_model, d_state=16, d_conv=4, expand=2)))
         log(f" mixer d_model {d_model}")

@@ -18,10 +18,12 @@ from blocks.kernels.causal_conv1d import causal_conv1d_step_triton, causal_conv1
 from blocks.kernels.selective_scan import selective_scan_triton
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mixer import Mixer
+from blocks.scan_backend import choose as choose_scan_backend
 from blocks.scan import selective_scan_chunked, selective_state_step
 
-# auto: Triton on CUDA, PyTorch elsewhere. mamba_ssm: its CUDA selective scan (and causal-conv1d's conv when
-# installed), an optional extra that Triton matched or beat on every shape measured so far (benchmarks/bench_scan.py).
+# auto: Triton on CUDA (or mamba-ssm's scan where it is installed and measured faster for the shape: see
+# blocks/scan_backend.py), PyTorch elsewhere. mamba_ssm: its CUDA selective scan (and causal-conv1d's conv
+# when installed), the optional `.[cuda]` extra.
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
 MAMBA_SSM_HINT = "the mamba_ssm backend needs mamba-ssm (and, for its conv, causal-conv1d): pip install .[cuda]"
 
@@ -154,6 +156,11 @@ class Mamba(Mixer):
     def forward(self, x_BLD: Tensor, cache: MambaCache | None = None) -> Tensor:
         backend = self._backend(x_BLD)
         x_BLE, z_BLE = self.in_proj(x_BLD).chunk(2, dim=-1)
+        if backend == "triton" and self.backend == "auto" and cache is None:  # mamba-ssm's scan takes no state
+            B, L, E = x_BLE.shape
+            backward = torch.is_grad_enabled() and self.in_proj.weight.requires_grad
+            backend = choose_scan_backend((B, L, E, self.d_state), x_BLE.device, x_BLE.dtype, backward,
+                                          selective_scan_triton)
         x_BEL = self._conv(x_BLE.transpose(1, 2), cache, backend)
 
         dt_BLE, B_BLN, C_BLN, A_EN = self._ssm_inputs(x_BEL.transpose(1, 2))

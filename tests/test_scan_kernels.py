@@ -173,3 +173,55 @@ def test_triton_recurrent_step_matches_parallel_forward():
         cache = mixer.allocate_cache(2, 9)
         ys = [mixer(x[:, :5], cache)] + [mixer.step(x[:, t], cache)[:, None] for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(ys, 1), y_full, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_takes_mamba_ssm_only_where_it_measured_faster(monkeypatch):
+    """The measured pick of blocks/scan_backend.py, with mamba-ssm's scan stood in for by the reference and
+    a timer that says which is faster: kept per shape and pass, and never taken when mamba-ssm is absent."""
+    from blocks import mamba as mamba_mod
+    from blocks import scan_backend
+    from blocks.scan import selective_scan_chunked
+
+    calls = []
+    monkeypatch.setattr(scan_backend, "_choices", {})
+
+    def theirs(*args, **kw):
+        calls.append("mamba_ssm")
+        return selective_scan_chunked(*args, **kw)
+
+    def ours(*args, **kw):
+        calls.append("triton")
+        return selective_scan_chunked(*args, **kw)
+
+    def timer(fn):  # runs the case, then reports mamba-ssm faster for the forward only
+        before = len(calls)
+        fn()
+        name = calls[before]
+        return 1.0 if (name == "mamba_ssm") == (not torch.is_grad_enabled()) else 2.0
+
+    shape = (2, 11, 16, 3)
+    monkeypatch.setattr(scan_backend, "mamba_ssm_scan", lambda: None)
+    assert scan_backend.choose(shape, "cpu", torch.float32, False, ours, timer) == "triton" and not calls
+    monkeypatch.setattr(scan_backend, "mamba_ssm_scan", lambda: theirs)
+    assert scan_backend.choose(shape, "cpu", torch.float32, False, ours, timer) == "mamba_ssm"
+    assert scan_backend.choose(shape, "cpu", torch.float32, True, ours, timer) == "triton"
+    n = len(calls)
+    assert scan_backend.choose(shape, "cpu", torch.float32, False, ours, timer) == "mamba_ssm" and len(calls) == n
+
+    # inside the mixer: the forward-only pass runs "mamba-ssm's" scan, the training pass the Triton one
+    monkeypatch.setattr(mamba_mod, "_mamba_ssm_ops", lambda: (theirs, None))
+    monkeypatch.setattr(mamba_mod, "selective_scan_triton", ours)
+    monkeypatch.setattr(mamba_mod, "choose_scan_backend",
+                        lambda *a: scan_backend.choose(*a, timer=timer))
+    torch.manual_seed(1)
+    mixer = Mamba(8, MambaConfig(d_state=3))
+    x = torch.randn(2, 11, 8)
+    with force_triton():
+        calls.clear()
+        with torch.no_grad():
+            y_fwd = mixer(x)
+        assert calls == ["mamba_ssm"]
+        calls.clear()
+        y_train = mixer(x)
+        assert calls == ["triton"]
+    torch.testing.assert_close(y_fwd, y_train)
