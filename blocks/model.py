@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from blocks import MIXERS, build_mixer
 from blocks.mlp import MLP
 from blocks.moe import MoE, MoEConfig
+from blocks.moe_decode import moe_step
 from blocks.registry import lookup
 from routers import Router
 
@@ -100,9 +101,9 @@ class MLPBlock(nn.Module):
         return residual + out.float(), aux
 
     def step(self, residual_BD: Tensor) -> Tensor:
-        """One decoding step; an MoE takes its sync-free decode path (MoE.step)."""
+        """One decoding step; an MoE takes its sync-free decode path (blocks.moe_decode)."""
         h = self.norm(residual_BD.to(self.norm.weight.dtype))
-        out = self.mlp.step(h) if isinstance(self.mlp, MoE) else self.mlp(h)
+        out = moe_step(self.mlp, h) if isinstance(self.mlp, MoE) else self.mlp(h)
         return residual_BD + out.float()
 
 

@@ -1,0 +1,50 @@
+"""The MoE layer's decoding path: its function for the few tokens of one step, with no host synchronisation.
+
+MoE.forward groups tokens by expert (a sort, group sizes): right for thousands of tokens, but the grouped
+kernels size nothing without the counts, and the PyTorch reference reads them back. Decoding has one token
+per sequence, is bound by reading weights, and must be capturable in a CUDA graph (LM.step), so here:
+
+- fewer slots than experts (batch 1): each slot gathers its expert's weights, and one bmm per projection
+  applies them: only the chosen experts are read;
+- otherwise: every expert runs on every token and the gate weights, zero for experts a token did not
+  choose, combine them: each expert's weights are read once, and no shape depends on the routing.
+
+Shapes: T tokens, D width, E experts, K slots per token, S = T*K slots, F expert hidden width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from blocks.mlp import glu_activation
+from blocks.moe import MoE
+
+
+def moe_step(moe: MoE, x_TD: Tensor) -> Tensor:
+    """moe's output (T, D) for x_TD: forward's function (dropless, the router's current rule), combined in
+    fp32 and returned in x's dtype. No utilization counter is updated."""
+    T, D = x_TD.shape
+    E = moe.num_experts
+    with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        logits_TE = F.linear(x_TD.float(), moe.gate.weight.float(), moe.gate.bias.float())
+    routing = moe.router(logits_TE)
+    ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.float()
+    if routing.mask_TK is not None:  # an empty slot (expert-choice in training) contributes nothing
+        weights_TK = weights_TK * routing.mask_TK
+    act = glu_activation(moe.cfg.activation)
+    w_in, w_out = moe.w_in.to(x_TD.dtype), moe.w_out.to(x_TD.dtype)
+    K = ids_TK.shape[1]
+    if T * K < E:
+        ids_S = ids_TK.reshape(-1)
+        x_S1D = x_TD[:, None].expand(T, K, D).reshape(T * K, 1, D)
+        y_SD = torch.bmm(act(torch.bmm(x_S1D, w_in[ids_S])), w_out[ids_S])[:, 0]
+        y_TD = (y_SD.float().view(T, K, D) * weights_TK[..., None]).sum(1)
+    else:
+        y_ETD = torch.bmm(act(torch.bmm(x_TD.expand(E, T, D), w_in)), w_out)
+        gate_TE = torch.zeros(T, E, device=x_TD.device).scatter_add_(1, ids_TK, weights_TK)
+        y_TD = torch.einsum("te,etd->td", gate_TE, y_ETD.float())
+    y_TD = y_TD.to(x_TD.dtype)
+    if moe.shared is not None:
+        y_TD = y_TD + moe.shared(x_TD)
+    return y_TD
