@@ -84,9 +84,12 @@ class Attention(Mixer):
             cache.k_BGSK[:, :, start : start + L] = k
             cache.v_BGSK[:, :, start : start + L] = v
             cache.pos.fill_(start + L)
-            k, v = cache.k_BGSK[:, :, : start + L], cache.v_BGSK[:, :, : start + L]
-            # new query i sits at absolute position start + i and may see keys 0..start + i
-            mask = torch.arange(start + L, device=x_BLD.device)[None, :] <= pos_L[:, None]
+            if start == 0:  # an empty cache: plain causal attention over the new tokens (flash kernels)
+                mask = None
+            else:
+                k, v = cache.k_BGSK[:, :, : start + L], cache.v_BGSK[:, :, : start + L]
+                # new query i sits at absolute position start + i and may see keys 0..start + i
+                mask = torch.arange(start + L, device=x_BLD.device)[None, :] <= pos_L[:, None]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.G != self.H
         )

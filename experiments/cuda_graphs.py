@@ -5,7 +5,7 @@ exceeds their run time. `StaticDecoder` keeps every tensor the step touches at a
 recurrent cache, the input token, the sampling noise), so the step (`LM.step` plus picking the next token)
 can be captured once into a torch.cuda.CUDAGraph and replayed per token with a single launch. Without
 capture (on the CPU, or `capture=False`) it runs exactly the same code eagerly, which is how the tests
-check it against the plain loop of experiments.generation.generate.
+check it against the plain loop (experiments.decoding.generate_eager).
 
 The prompt is prefilled by the parallel forward into the same static cache, then the graph is replayed.
 Sampling draws its Exp(1) noise outside the graph with the caller's generator (one kernel per token, the
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from blocks.model import LM
-from experiments.generation import draw_noise, pick_token
+from experiments.decoding import draw_noise, pick_token
 
 
 def reset_cache(cache: list) -> None:

@@ -11,6 +11,7 @@ from blocks.model import LM
 from experiments import export, hf_mamba, released
 from experiments.build import build_model
 from experiments.checkpoint import CheckpointError, load_checkpoint
+from experiments.decoding import generate_eager, sample_next  # noqa: F401  (sample_next: public here too)
 from experiments.weights import WEIGHT_FILES, read_config, resolve
 
 # Folder kinds: name -> (does a config.json describe it, loader(folder, config) -> (model, info)).
@@ -55,48 +56,6 @@ def _load_folder(ref: str, device: str | torch.device) -> tuple[LM, dict]:
                           f"({', '.join(FOLDER_KINDS)})")
 
 
-def truncated_probs(logits_BV: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """softmax(logits / temperature) restricted to the top_k tokens and to the smallest top_p nucleus, fp32."""
-    logits = logits_BV.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.softmax(dim=-1)
-
-
-def draw_noise(noise_BV: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Fill noise_BV (fp32) in place with Exp(1) draws, the randomness of one sampling step."""
-    return noise_BV.exponential_(generator=generator)
-
-
-def pick_token(
-    logits_BV: Tensor, noise_BV: Tensor | None, temperature: float, top_k: int | None, top_p: float | None
-) -> Tensor:
-    """One token per row: greedy (argmax) when temperature is 0, else a sample of truncated_probs by the
-    exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (E_i / p_i are
-    independent exponentials of rates p_i, and the smallest is the i-th with probability p_i). Unlike
-    torch.multinomial, which validates its input with a host read, it never synchronises, so a CUDA
-    graph can capture it; the noise is drawn outside (draw_noise)."""
-    if temperature <= 0:
-        return logits_BV.argmax(dim=-1)
-    probs_BV = truncated_probs(logits_BV, temperature, top_k, top_p)
-    # a zero draw would make 0 / 0 for a truncated token; the floor keeps those at 0
-    return (probs_BV / noise_BV.clamp(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
-
-
-def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None) -> Tensor:
-    """One token per row: greedy when temperature is 0, else from the tempered, top-k/top-p truncated softmax."""
-    noise_BV = None
-    if temperature > 0:
-        noise_BV = draw_noise(torch.empty(logits_BV.shape, device=logits_BV.device), generator)
-    return pick_token(logits_BV, noise_BV, temperature, top_k, top_p)
-
-
 @torch.no_grad()
 def generate(
     model: LM,
@@ -125,14 +84,7 @@ def generate(
 
         decoder = StaticDecoder(model, B, L + max_new_tokens, temperature, top_k, top_p, capture=True)
         return decoder.generate(prompt_BL, max_new_tokens, generator)
-    cache = model.allocate_cache(B, L + max_new_tokens, device=prompt_BL.device)
-    logits_BLV, _ = model(prompt_BL, cache)
-    next_B = sample_next(logits_BLV[:, -1], temperature, top_k, top_p, generator)
-    out = [next_B]
-    for _ in range(max_new_tokens - 1):
-        next_B = sample_next(model.step(next_B, cache), temperature, top_k, top_p, generator)
-        out.append(next_B)
-    return torch.stack(out, dim=1)
+    return generate_eager(model, prompt_BL, max_new_tokens, temperature, top_k, top_p, generator)
 
 
 @torch.no_grad()
