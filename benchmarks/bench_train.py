@@ -366,7 +366,7 @@ def bench_all(names: list[str], setup: Setup, t_start: float, budget_s: float) -
 def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
     """Run the anchor script (its own process, so its CUDA memory is its own) and read tokens/s per line."""
     log(setup, f"\noff-the-shelf: {sys.executable} {path}")
-    proc = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, path], check=False, capture_output=True, text=True, timeout=600)
     found = {}
     for line in proc.stdout.splitlines():
         log(setup, f"  | {line}")
