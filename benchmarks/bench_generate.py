@@ -16,6 +16,7 @@ width, layers and experts (18 heads of 64), whose KV cache holds the full contex
    cache cheaply": the skipped KV slots keep zeros), then times `steps` decode steps. That costs what a
    real long context costs: a decode step attends over the whole static KV cache (masked), and a Mamba
    step's work does not depend on the position at all. A KV cache larger than the free memory is skipped.
+   Peak memory is that of decoding (weights, cache, graph buffers); the prefill's own peak is in the JSON.
 Prints a table last; writes bench_generate.json and bench_generate.log under $OUT when it is set.
 --smoke runs the same code on the CPU with tiny models and contexts, without capture (the static decoder
 runs eagerly), so that the script is exercised by the tests.
@@ -133,6 +134,9 @@ def measure(name: str, model: LM, batch: int, context: int, mode: str, capture: 
     decoder.prefill(prompt, gen)
     sync(device)
     row["prefill_tokens"], row["prefill_s"] = prompt_len, time.perf_counter() - t0
+    if device == "cuda":  # the prefill's logits (batch x prompt x vocab) are gone: measure decoding alone
+        row["prefill_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     jump_positions(decoder.cache, context - steps - warm)
     for _ in range(warm):
         decoder.advance(gen)
