@@ -5,9 +5,9 @@
 
 Every model is composed by experiments.config.compose, as run.py composes it, and built by LMModule, so it is
 the platform's own. The baselines match the shapes of the off-the-shelf anchor (d 1152, 15 mixers + 15 MLPs,
-vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model, in this order:
+vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model:
 
-  check     the loss and gradient norm with the kernels against the PyTorch reference path
+  check     (after one untimed step at the timed shape) the loss and gradient norm with the kernels against the PyTorch reference path
             (blocks.kernels.pytorch_reference) on the same weights and batch, to bf16 tolerance; then, from the
             first steps of `step` below, that the training loss is finite and falls
   fwd+bwd   model forward, loss (LMModule's, with the routers' aux losses) and backward under bf16 autocast
@@ -16,14 +16,15 @@ vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model, i
             driving LMModule.training_step, backward, the non-finite check, gradient clipping, the AdamW of
             configure_optimizers, the LR schedule and zero_grad; timed between steps inside fit, so the
             Trainer's own overhead is included
-  +compile  both again with every block torch.compile'd (one graph per block kind, which all layers of that
-            kind reuse, so compiling costs seconds, not minutes); a failure is printed with its reason
+  compiled  both again with every block torch.compile'd (one graph per block kind, which all layers of that
+            kind reuse, so compiling is paid per block kind, not per layer); a failure is printed with its reason
 
 Reports tokens/s, 6N-MFU (6 x active parameters x tokens/s over a dense bf16 matmul peak measured in the same
-process) and peak memory (torch.cuda.max_memory_allocated, reset per variant). --offtheshelf runs the anchor
-script after ours, in a subprocess, and prints ours / off-the-shelf per model. Table last; bench_train.json
-and bench_train.log under $OUT when it is set. Compile variants are skipped once --budget-s has passed, so a
-whole run stays within its GPU time.
+process) and peak memory (torch.cuda.max_memory_allocated, reset per variant). Order: the eager figures of
+every model; then --offtheshelf PATH, the anchor script in a subprocess (its GPU memory its own), whose printed
+lines give ours / off-the-shelf per model; then the compiled variants, each started only while the run is
+younger than --budget-s, so the whole run keeps to its GPU time. Table last; bench_train.json and
+bench_train.log under $OUT when it is set.
 """
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from blocks import scan_backend  # noqa: E402
 from blocks.kernels import pytorch_reference  # noqa: E402
+from blocks.mamba import Mamba  # noqa: E402
 from experiments.config import compose  # noqa: E402
 from experiments.module import LMModule  # noqa: E402
 from experiments.throughput import matmul_peak_flops  # noqa: E402
@@ -80,6 +83,7 @@ class Setup:
     reps: int  # timed calls (fwd+bwd) or timed steps (step)
     compile: bool
     smoke: bool
+    mixer_backend: str = "auto"  # mixer.backend of the Mamba models
     peak: float = 0.0  # dense matmul FLOP/s, measured in this process
     log_file: Path | None = None
 
@@ -118,6 +122,8 @@ def run_config(name: str, setup: Setup, steps: int):
     overrides, _ = MODELS[name]
     argv = [*overrides, f"data.seq_len={setup.seq_len}", f"data.batch_size={setup.batch}",
             f"trainer.max_steps={steps}", "trainer.progress_bar=false", f"out_dir={Path('outputs') / 'bench_train'}"]
+    if "mixer=attention" not in overrides:
+        argv.append(f"mixer.backend={setup.mixer_backend}")
     if setup.smoke:
         heads = ["mixer.n_heads=4"] if "mixer=attention" in overrides else []
         argv += [*SMOKE, *heads, "trainer.accelerator=cpu"]
@@ -144,12 +150,28 @@ def grad_norm(module: LMModule) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
+@contextlib.contextmanager
+def reference_path(module: LMModule):
+    """Every op on its PyTorch reference: the kernels' switch, and backend=torch for the Mamba mixers (an
+    explicit mixer.backend=triton or mamba_ssm does not consult the switch)."""
+    mixers = [m for m in module.modules() if isinstance(m, Mamba)]
+    saved = [m.backend for m in mixers]
+    try:
+        with pytorch_reference():
+            for m in mixers:
+                m.backend = "torch"
+            yield
+    finally:
+        for m, b in zip(mixers, saved):
+            m.backend = b
+
+
 def check_kernels(module: LMModule, setup: Setup) -> dict:
     """Loss and gradient norm on one batch with the kernels, and with the PyTorch references, same weights."""
     vocab = module.model.cfg.vocab_size
     batch = tuple(t.to(setup.device) for t in token_batch(setup, vocab, setup.check_shape, seed=1))
     out = {}
-    for path, ctx in (("kernels", contextlib.nullcontext()), ("reference", pytorch_reference())):
+    for path, ctx in (("kernels", contextlib.nullcontext()), ("reference", reference_path(module))):
         module.zero_grad(set_to_none=True)
         with ctx:
             loss = lm_loss(module, batch, setup)
@@ -210,7 +232,7 @@ def record(result: Result, variant: str, ms: float, setup: Setup) -> None:
     log(setup, f"  {variant:<16} {ms:9.2f} ms  {tps:10,.0f} tok/s  6N-MFU {100 * row['mfu_6n']:5.1f}%  peak {mem}")
 
 
-def time_fwd_bwd(module: LMModule, result: Result, variant: str, setup: Setup) -> None:
+def time_fwd_bwd(module: LMModule, result: Result | None, variant: str, setup: Setup, warmup_only: bool = False) -> None:
     vocab = module.model.cfg.vocab_size
     batch = tuple(t.to(setup.device) for t in token_batch(setup, vocab, (setup.batch, setup.seq_len), seed=2))
     module.train()
@@ -219,6 +241,10 @@ def time_fwd_bwd(module: LMModule, result: Result, variant: str, setup: Setup) -
     def step():
         lm_loss(module, batch, setup).backward()
 
+    if warmup_only:
+        step()
+        module.zero_grad(set_to_none=True)
+        return
     ms = time_ms(step, setup, before=lambda: module.zero_grad(set_to_none=True))
     module.zero_grad(set_to_none=True)
     record(result, variant, ms, setup)
@@ -303,6 +329,9 @@ def bench_eager(name: str, setup: Setup) -> Result:
     result.params_total, result.params_active = acc.total_params, acc.active_params
     log(setup, f"\n{name}: {millions(acc.total_params)} params, {millions(acc.active_params)} active; "
                f"overrides {' '.join(MODELS[name][0])}")
+    # one untimed step at the timed shape first: the grouped-GEMM autotuner keys on the weight shapes, not the
+    # token count, so whichever shape it first sees picks the tiles used from then on
+    time_fwd_bwd(module, None, "", setup, warmup_only=True)
     result.check = check_kernels(module, setup)
     c = result.check
     log(setup, f"  check: loss kernels {c['loss_kernels']:.5f} reference {c['loss_reference']:.5f} "
@@ -310,6 +339,9 @@ def bench_eager(name: str, setup: Setup) -> Result:
                f"{'ok' if c['kernels_match'] else 'MISMATCH'}")
     time_fwd_bwd(module, result, "fwd+bwd", setup)
     check_training(module, result, "step", setup)
+    if scan_backend._choices:  # mixer.backend=auto picks mamba-ssm's scan where it measured faster
+        result.notes.append(f"scan backend per (B, L, E, N, dtype, backward): {scan_backend._choices}")
+        log(setup, f"  {result.notes[-1]}")
     return result
 
 
@@ -328,7 +360,7 @@ def bench_compiled(result: Result, setup: Setup) -> None:
         module.zero_grad(set_to_none=True)
         time_fwd_bwd(module, result, "fwd+bwd compiled", setup)
         check_training(module, result, "step compiled", setup)
-    except Exception as e:  # a graph that dynamo or inductor cannot take: say why, keep the eager figures
+    except Exception as e:  # noqa: BLE001  (a graph dynamo or inductor cannot take: say why, keep the eager figures)
         result.notes.append(f"torch.compile failed: {failure(e)}")
         log(setup, f"  torch.compile failed: {failure(e)}")
     finally:
@@ -342,25 +374,33 @@ def failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"
 
 
-def bench_all(names: list[str], setup: Setup, t_start: float, budget_s: float) -> list[Result]:
-    """Eager figures of every model first; then compiled ones, in the order given, while the budget lasts.
-    A model that fails (out of memory, a kernel error) is reported and the others still run."""
+def bench_all_eager(names: list[str], setup: Setup) -> list[Result]:
+    """Eager figures of every model. A model that fails (out of memory, a kernel error) is reported and the
+    others still run."""
     results = []
     for name in names:
+        t0 = time.perf_counter()
         try:
             results.append(bench_eager(name, setup))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (any failure of one model must leave the others' figures)
             log(setup, f"  {name} failed: {failure(e)}")
             results.append(Result(name, notes=[f"failed: {failure(e)}"]))
         reset_memory(setup)
+        log(setup, f"  ({time.perf_counter() - t0:.0f} s)")
+    return results
+
+
+def bench_all_compiled(results: list[Result], setup: Setup, t_start: float, budget_s: float) -> None:
+    """Compiled figures, in the order the models were given, each started only while the budget lasts."""
     for result in results:
-        if not setup.compile or not result.variants:
+        if not result.variants:
             continue
         if time.perf_counter() - t_start > budget_s:
-            result.notes.append("compile variants skipped: --budget-s reached")
+            result.notes.append(f"compile variants skipped: --budget-s {budget_s:.0f} reached")
             continue
+        t0 = time.perf_counter()
         bench_compiled(result, setup)
-    return results
+        log(setup, f"  ({time.perf_counter() - t0:.0f} s)")
 
 
 def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
@@ -403,9 +443,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, no compile, a few steps")
+    ap.add_argument("--mixer-backend", default="auto", choices=("auto", "triton", "mamba_ssm"),
+                    help="mixer.backend of the Mamba models (auto: the platform's choice; triton: ours only)")
     ap.add_argument("--offtheshelf", metavar="PATH", help="run this anchor script after ours and print the ratios")
-    ap.add_argument("--budget-s", type=float, default=150.0,
-                    help="no compile variant starts after this many seconds (default 150)")
+    ap.add_argument("--budget-s", type=float, default=170.0,
+                    help="no compile variant starts once the run has taken this many seconds (default 170)")
     args = ap.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
@@ -419,11 +461,12 @@ def make_setup(args: argparse.Namespace) -> Setup:
     if log_file is not None:
         log_file.write_text("")
     if args.smoke:
-        return Setup(torch.device("cpu"), 2, 32, (1, 16), warmup=0, reps=1, compile=False, smoke=True, log_file=log_file)
+        return Setup(torch.device("cpu"), 2, 32, (1, 16), warmup=0, reps=1, compile=False, smoke=True,
+                     log_file=log_file)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU (or --smoke for the CPU path)")
     return Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=2, reps=5, compile=not args.no_compile,
-                 smoke=False, log_file=log_file)
+                 smoke=False, mixer_backend=args.mixer_backend, log_file=log_file)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
@@ -436,8 +479,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     name = torch.cuda.get_device_name() if setup.device.type == "cuda" else "cpu"
     log(setup, f"{name}, torch {torch.__version__}; dense {dtype} matmul {setup.peak / 1e12:.3g} TFLOP/s (6N-MFU "
                f"denominator); B {setup.batch} x L {setup.seq_len}")
-    results = bench_all(args.models.split(","), setup, t0, args.budget_s)
+    results = bench_all_eager(args.models.split(","), setup)
+    # the anchor before the compile variants: the comparison matters more than compiling if time runs short
     anchor = run_offtheshelf(args.offtheshelf, setup) if args.offtheshelf else {}
+    if setup.compile:
+        bench_all_compiled(results, setup, t0, args.budget_s)
     table(results, anchor, setup)
     log(setup, f"total {time.perf_counter() - t0:.0f} s")
     if os.environ.get("OUT"):
