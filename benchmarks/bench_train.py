@@ -68,6 +68,7 @@ MODELS = {
 SMOKE = ("model.d_model=64", "model.n_layers=4", "model.ffn_dim=128", "model.vocab_size=512")
 CHECK_LOSS_RTOL, CHECK_GRAD_RTOL = 1e-2, 5e-2  # bf16 (8 bits of mantissa) through 30 layers
 LOSS_STEPS = 3  # training steps whose losses the check reads (all before the timed window)
+OFFTHESHELF_TIMEOUT_S = 240  # it takes about a minute; a hang must not eat the GPU run
 ANCHOR_LINE = re.compile(r"^(?P<name>.+?)\s+total\s+\d+M active\s+\d+M\s+fwd\+bwd\s+[\d.]+ ms\s+(?P<tps>\d+) tok/s")
 
 
@@ -406,7 +407,13 @@ def bench_all_compiled(results: list[Result], setup: Setup, t_start: float, budg
 def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
     """Run the anchor script (its own process, so its CUDA memory is its own) and read tokens/s per line."""
     log(setup, f"\noff-the-shelf: {sys.executable} {path}")
-    proc = subprocess.run([sys.executable, path], check=False, capture_output=True, text=True, timeout=600)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, path], check=False, capture_output=True, text=True,
+                              timeout=OFFTHESHELF_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:  # keep the lines it printed; the rest of the run goes on
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        proc = subprocess.CompletedProcess(e.cmd, -1, out, f"timed out after {e.timeout} s")
     found = {}
     for line in proc.stdout.splitlines():
         log(setup, f"  | {line}")
@@ -415,6 +422,7 @@ def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
             found[m.group("name").strip()] = float(m.group("tps"))
     if proc.returncode != 0:
         log(setup, f"  off-the-shelf exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] or ''}")
+    log(setup, f"  ({time.perf_counter() - t0:.0f} s)")
     return found
 
 
@@ -483,15 +491,20 @@ def main(argv: list[str] | None = None) -> list[Result]:
     # the anchor before the compile variants: the comparison matters more than compiling if time runs short
     anchor = run_offtheshelf(args.offtheshelf, setup) if args.offtheshelf else {}
     if setup.compile:
+        report(results, anchor, setup, name)  # the eager table, in case the compile variants outrun the run
         bench_all_compiled(results, setup, t0, args.budget_s)
-    table(results, anchor, setup)
+    report(results, anchor, setup, name)
     log(setup, f"total {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def report(results: list[Result], anchor: dict[str, float], setup: Setup, device: str) -> None:
+    table(results, anchor, setup)
     if os.environ.get("OUT"):
-        payload = {"device": name, "torch": torch.__version__, "peak_flops": setup.peak, "batch": setup.batch,
+        payload = {"device": device, "torch": torch.__version__, "peak_flops": setup.peak, "batch": setup.batch,
                    "seq_len": setup.seq_len, "offtheshelf_tokens_per_s": anchor,
                    "models": [r.__dict__ for r in results]}
-        Path(os.environ["OUT"], "bench_train.json").write_text(json.dumps(payload, indent=1))
-    return results
+        Path(os.environ["OUT"], "bench_train.json").write_text(json.dumps(payload, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ import torch
 from blocks.kernels import force_triton, pytorch_reference, use_triton
 
 ROOT = Path(__file__).resolve().parents[1]
+# a line as the off-the-shelf script prints it (its format string, with its figures for the 1.5B shape)
+ANCHOR_PRINT = ('print(f"{\'blackmamba mamba+moe(sinkhorn)\':34s} total    1458M active   344M  '
+                'fwd+bwd   145.6 ms     112559 tok/s  6N-MFU 33.5%", flush=True)\n')
 
 
 def load_bench():
@@ -35,8 +38,7 @@ def test_pytorch_reference_turns_the_kernels_off_and_restores_them():
 def test_smoke_run_checks_times_and_compares_with_the_anchor(tmp_path, monkeypatch):
     """One Mamba + MoE and one attention + MLP model (every block kind), the anchor matched by its printed line."""
     anchor = tmp_path / "anchor.py"
-    anchor.write_text('print(f"{\'blackmamba mamba+moe(sinkhorn)\':34s} total    1458M active   344M  '
-                      'fwd+bwd   145.6 ms     112559 tok/s  6N-MFU 33.5%")\n')
+    anchor.write_text(ANCHOR_PRINT)
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.chdir(tmp_path)  # its outputs/ folder (Lightning's default root) stays in tmp_path
     bench = load_bench()
@@ -52,6 +54,15 @@ def test_smoke_run_checks_times_and_compares_with_the_anchor(tmp_path, monkeypat
     assert saved["offtheshelf_tokens_per_s"] == {"blackmamba mamba+moe(sinkhorn)": 112559.0}
     table = (tmp_path / "bench_train.log").read_text()
     assert "| blackmamba-1.5b |" in table and "| transformer |" in table
+
+
+def test_an_anchor_that_hangs_is_stopped_and_its_printed_lines_kept(tmp_path, monkeypatch):
+    bench = load_bench()
+    anchor = tmp_path / "anchor.py"
+    anchor.write_text("import time\n" + ANCHOR_PRINT + "time.sleep(60)\n")
+    monkeypatch.setattr(bench, "OFFTHESHELF_TIMEOUT_S", 3)
+    setup = bench.Setup(torch.device("cpu"), 2, 32, (1, 16), 0, 1, compile=False, smoke=True)
+    assert bench.run_offtheshelf(str(anchor), setup) == {"blackmamba mamba+moe(sinkhorn)": 112559.0}
 
 
 def test_unknown_model_is_refused_with_the_valid_names(capsys):
