@@ -98,6 +98,22 @@ def check_tokens(name: str, model: LM, batch: int, device: str, capture: bool, n
     return row
 
 
+def kernels_per_step(model: LM, device: str) -> int | None:
+    """GPU kernels one decode step launches (batch 1, greedy): what a CUDA graph replays in one launch."""
+    if device != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = StaticDecoder(model, 1, 64, temperature=0.0, capture=False)
+    decoder.prefill(torch.zeros(1, 8, dtype=torch.long, device=device))
+    decoder.advance()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.advance()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def kv_cache_bytes(model: LM, batch: int, context: int) -> int:
     dtype_bytes = model.embedding.weight.element_size()
     per_token = sum(2 * b.mixer.G * b.mixer.K for b in model.layers if hasattr(b, "mixer") and hasattr(b.mixer, "G"))
@@ -193,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         model = build({"blackmamba": "mamba", "attention": "attention"}[name], args.smoke, device)
         log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{active_params(model) / 1e6:.1f}M active, pattern {model.pattern[:2]} x {len(model.pattern) // 2}")
+        try:
+            log(f"{name}: {kernels_per_step(model, device)} GPU kernels per eager decode step (batch 1, greedy)")
+        except Exception as exc:  # a diagnostic only
+            log(f"{name}: kernel count failed: {type(exc).__name__}: {str(exc)[:200]}")
         for batch in batches:
             checks.append(check_tokens(name, model, batch, device, capture, 8 if args.smoke else 48))
         for batch in batches:
