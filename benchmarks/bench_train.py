@@ -131,7 +131,7 @@ def run_config(name: str, setup: Setup, steps: int):
     return compose(argv)
 
 
-def token_batch(setup: Setup, vocab: int, shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_batch(vocab: int, shape: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of ids in [0, min(256, vocab)): a byte-range batch, whose unigram shift a model learns in its first
     steps, so the loss falls measurably over a few steps (uniform ids over the whole vocabulary cannot)."""
     g = torch.Generator().manual_seed(seed)
@@ -170,7 +170,7 @@ def reference_path(module: LMModule):
 def check_kernels(module: LMModule, setup: Setup) -> dict:
     """Loss and gradient norm on one batch with the kernels, and with the PyTorch references, same weights."""
     vocab = module.model.cfg.vocab_size
-    batch = tuple(t.to(setup.device) for t in token_batch(setup, vocab, setup.check_shape, seed=1))
+    batch = tuple(t.to(setup.device) for t in token_batch(vocab, setup.check_shape, seed=1))
     out = {}
     for path, ctx in (("kernels", contextlib.nullcontext()), ("reference", reference_path(module))):
         module.zero_grad(set_to_none=True)
@@ -235,7 +235,7 @@ def record(result: Result, variant: str, ms: float, setup: Setup) -> None:
 
 def time_fwd_bwd(module: LMModule, result: Result | None, variant: str, setup: Setup, warmup_only: bool = False) -> None:
     vocab = module.model.cfg.vocab_size
-    batch = tuple(t.to(setup.device) for t in token_batch(setup, vocab, (setup.batch, setup.seq_len), seed=2))
+    batch = tuple(t.to(setup.device) for t in token_batch(vocab, (setup.batch, setup.seq_len), seed=2))
     module.train()
     reset_memory(setup)
 
@@ -284,7 +284,7 @@ def time_train_step(module: LMModule, result: Result, variant: str, setup: Setup
     Returns the first training losses."""
     warmup = max(setup.warmup, LOSS_STEPS)
     assert module.cfg.trainer.max_steps == warmup + setup.reps, "run_config(steps=...) sets the trainer's length"
-    batch = token_batch(setup, module.model.cfg.vocab_size, (setup.batch, setup.seq_len), seed=3)
+    batch = token_batch(module.model.cfg.vocab_size, (setup.batch, setup.seq_len), seed=3)
     timer = StepTimer(setup, warmup)
     trainer = _make_trainer(module.cfg, setup.device.type, False, [timer])
     reset_memory(setup)
@@ -352,7 +352,7 @@ def bench_compiled(result: Result, setup: Setup) -> None:
     module = build(result.name, setup)
     compile_blocks(module)
     try:
-        batch = tuple(t.to(setup.device) for t in token_batch(setup, module.model.cfg.vocab_size,
+        batch = tuple(t.to(setup.device) for t in token_batch(module.model.cfg.vocab_size,
                                                               (setup.batch, setup.seq_len), seed=4))
         t0 = time.perf_counter()
         lm_loss(module, batch, setup).backward()
@@ -448,7 +448,8 @@ def table(results: list[Result], anchor: dict[str, float], setup: Setup) -> None
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma-separated subset of {', '.join(MODELS)}, in the order the compiled variants follow")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, no compile, a few steps")
     ap.add_argument("--mixer-backend", default="auto", choices=("auto", "triton", "mamba_ssm"),
