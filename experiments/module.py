@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from blocks.accounting import account
+from blocks.expert_parallel import sync_expert_grads
+from experiments import distributed
 from experiments.build import build_model
 from experiments.utilization import moe_layers, record_routing, save_snapshot, snapshot_arrays, snapshot_path
 
@@ -41,6 +43,13 @@ class LMModule(L.LightningModule):
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.nonfinite_stop: str | None = None  # why the run stopped, when non-finite steps stopped it
+        self.expert_groups = None  # the expert-parallel process groups, once setup() has sharded the experts
+
+    def setup(self, stage: str) -> None:
+        """In a distributed run (torch.distributed is up, DDP has not wrapped the module yet): shard the experts
+        for moe.expert_parallel > 1 and keep per-rank state out of DDP's synchronisation (experiments.distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.expert_groups is None:
+            self.expert_groups = distributed.setup_module(self, self.model, self.cfg.moe.expert_parallel)
 
     def log_bits(self, split: str, loss_nats: torch.Tensor, **kwargs) -> None:
         """Bits per byte, comparable across tokenizers; bits per token when the data cannot tell bytes."""
@@ -75,10 +84,18 @@ class LMModule(L.LightningModule):
         Skipping drops every gradient, so AdamW leaves the weights and its moments alone, while the step counter,
         the schedule and the data stream go on. The check reads one scalar on the host per step (a GPU waits for
         it, as it does for a GradScaler); it runs before gradient clipping, which would hide an inf in a NaN."""
+        if self.expert_groups is not None:  # the expert gradients, summed over the ranks holding the same experts
+            sync_expert_grads(self, self.expert_groups)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norm = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).sum() if grads else 0.0
         loss = self._loss if self._loss is not None else torch.zeros(())
-        if bool(torch.isfinite(loss.float() + norm)):
+        finite = torch.isfinite(loss.float() + norm).reshape(1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must take the same decision: FSDP and expert shards see different gradients
+            bad = (~finite).float().to(self.device)
+            torch.distributed.all_reduce(bad)
+            finite = bad == 0
+        if bool(finite):
             self.nonfinite_in_a_row = 0
             return
         optimizer.zero_grad(set_to_none=True)
@@ -98,6 +115,23 @@ class LMModule(L.LightningModule):
                 f"trainer.nonfinite_stop_after={limit}): stopped, with the weights from before them in last.ckpt")
             self.trainer.should_stop = True
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by the norm of the whole model's gradient; sharded gradients (FSDP, expert parallelism) need
+        their norm reduced over ranks, which Lightning's own clipping does not do (experiments.distributed)."""
+        if not gradient_clip_val:
+            return
+        if self.expert_groups is None and not self._fsdp():
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        distributed.clip_grad_norm(self, float(gradient_clip_val), self.expert_groups)
+
+    def _fsdp(self) -> bool:
+        return isinstance(self.trainer.strategy, distributed.FSDPStrategy)
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # the step's forwards have all run: routers close the step (global-batch load, aux-loss-free bias)
+        self.model.end_step()
+
     # Validation metrics go to the logger from experiments.progress.ValidationReport at step = global_step
     # (logger=False here), so a resumed run continues one consistent metric history.
     def validation_step(self, batch, batch_idx):
@@ -107,8 +141,9 @@ class LMModule(L.LightningModule):
             self._val_routing = (batch[0], routing)
         else:
             lm_loss, _ = self._lm_loss(batch)
-        self.log("val/loss", lm_loss, prog_bar=True, logger=False)
-        self.log_bits("val", lm_loss, prog_bar=True, logger=False)
+        # sync_dist: the mean over ranks, so that every rank agrees on val/loss (and so on writing best.ckpt)
+        self.log("val/loss", lm_loss, prog_bar=True, logger=False, sync_dist=True)
+        self.log_bits("val", lm_loss, prog_bar=True, logger=False, sync_dist=True)
 
     def on_validation_epoch_end(self):
         """Log expert utilization gathered since the last validation, per MoE layer, then reset it.
@@ -119,6 +154,7 @@ class LMModule(L.LightningModule):
         if self.trainer.sanity_checking or not self.moe_layers:
             return
         for name, moe in self.moe_layers.items():
+            distributed.reduce_utilization(moe)  # the global batch's counts on every rank
             stats = moe.utilization_stats()
             for e, count in enumerate(stats["tokens_per_expert"]):
                 self.log(f"moe/{name}/tokens_per_expert/{e}", float(count), logger=False)
@@ -156,7 +192,11 @@ class LMModule(L.LightningModule):
         checkpoint["vocab_size"] = self.model.cfg.vocab_size
         checkpoint["bytes_per_token"] = self.bytes_per_token
         checkpoint["nonfinite"] = {"in_a_row": self.nonfinite_in_a_row, "total": self.nonfinite_total}
+        if self.expert_groups is not None:  # whole experts: the checkpoint is the single-process model's
+            distributed.gather_expert_checkpoint(checkpoint, self, self.trainer.optimizers, self.expert_groups)
 
     def on_load_checkpoint(self, checkpoint):
         counts = checkpoint.get("nonfinite", {})
+        if self.expert_groups is not None:
+            distributed.shard_expert_checkpoint(checkpoint, self, self.expert_groups)
         self.nonfinite_in_a_row, self.nonfinite_total = counts.get("in_a_row", 0), counts.get("total", 0)

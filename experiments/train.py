@@ -4,6 +4,11 @@ Stopping: SIGTERM (and the first Ctrl-C, which is handled the same way) ends the
 (Lightning's SIGTERM handling raises SIGTERMException between steps; RunCheckpoints saves last.ckpt on it),
 the MLflow run ends KILLED and train() raises Interrupted. A second Ctrl-C stops at once, without a new
 checkpoint. SIGKILL cannot be caught: resume=<run id> continues from the last complete checkpoint.
+
+Several processes (trainer.devices x trainer.num_nodes, or torchrun / SLURM: docs/distributed.md): every rank
+runs train(); only rank 0 opens the MLflow run, writes the config and checkpoints (Lightning's strategies save
+on rank 0 only; every rank takes part in gathering the state) and prints. The other ranks return a RunResult
+with run_id None.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from experiments.checkpoint import (CheckpointError, RunCheckpoints, VerifiedChe
                                     find_run_dir, recover_checkpoint)
 from experiments.config import ConfigError
 from experiments.data import DataConfig, TokenDataModule
+from experiments.distributed import check_parallel, make_strategy
 from experiments.module import LMModule
 from experiments.plugins import record_plugins
 from experiments.progress import TrainBar, ValidationReport
@@ -104,12 +110,22 @@ def _precision(cfg: DictConfig, accelerator: str) -> str:
     return "bf16-mixed" if accelerator == "cuda" else "32-true"
 
 
+def _accelerator(cfg: DictConfig) -> str:
+    if cfg.trainer.accelerator != "auto":
+        return cfg.trainer.accelerator
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _make_trainer(cfg: DictConfig, accelerator: str, logger, callbacks: list[Callback],
                   checkpoint_io: VerifiedCheckpointIO | None = None) -> L.Trainer:
     accumulate = cfg.trainer.accumulate_grad_batches
+    world = cfg.trainer.devices * cfg.trainer.num_nodes
     return L.Trainer(
         accelerator=accelerator,
         devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=make_strategy(cfg.trainer.strategy, accelerator, world, cfg.moe.expert_parallel,
+                               _precision(cfg, accelerator)),
         precision=_precision(cfg, accelerator),
         max_steps=cfg.trainer.max_steps,
         val_check_interval=cfg.trainer.val_every * accumulate,  # counted in batches, so x accumulation
@@ -126,6 +142,15 @@ def _make_trainer(cfg: DictConfig, accelerator: str, logger, callbacks: list[Cal
         enable_progress_bar=cfg.trainer.progress_bar,
         plugins=[checkpoint_io or VerifiedCheckpointIO()],
     )
+
+
+def _global_rank(trainer: L.Trainer) -> int:
+    """This process's rank, known before fit: from torchrun's or SLURM's environment, or, for the processes that
+    Lightning's own launcher starts, from LOCAL_RANK and NODE_RANK (which set_world_ranks reads)."""
+    strategy = trainer.strategy
+    if hasattr(strategy, "set_world_ranks"):
+        strategy.set_world_ranks()
+    return trainer.global_rank
 
 
 def _claim_resumed_run(cfg: DictConfig, run_id: str) -> None:
@@ -155,10 +180,20 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
     found there is raised as ConfigError (or CheckpointError) with a message for the user.
     """
     _quiet()
-    L.seed_everything(cfg.seed, verbose=False)
+    L.seed_everything(cfg.seed, verbose=False)  # the same seed on every rank: the same initial weights
+    accelerator = _accelerator(cfg)
+    try:
+        # a device, precision or strategy that Lightning refuses, before any run
+        probe = _make_trainer(cfg, accelerator, False, [])
+        check_parallel(cfg.trainer.strategy, probe.world_size, cfg.moe.expert_parallel)
+    except (MisconfigurationException, ValueError, RuntimeError) as e:
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator}, trainer.devices={cfg.trainer.devices}, "
+                          f"trainer.num_nodes={cfg.trainer.num_nodes}, trainer.strategy={cfg.trainer.strategy}, "
+                          f"trainer.precision={cfg.trainer.precision}: {str(e).splitlines()[0]}") from None
+    rank = _global_rank(probe)
     try:
         resume_dir = find_run_dir(cfg.out_dir, cfg.resume) if cfg.resume else None
-        if resume_dir:
+        if resume_dir and rank == 0:
             _claim_resumed_run(cfg, resume_dir.name)
         ckpt_path, ckpt = recover_checkpoint(resume_dir) if resume_dir else (None, None)
         start_step = ckpt["global_step"] if ckpt else 0
@@ -169,15 +204,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
         raise
     except (ValueError, ImportError) as e:  # bad config or data, or a missing optional package
         raise ConfigError(str(e)) from None
-    accelerator = "cuda" if cfg.trainer.accelerator == "auto" and torch.cuda.is_available() else cfg.trainer.accelerator
-    accelerator = "cpu" if accelerator == "auto" else accelerator
-    try:
-        _make_trainer(cfg, accelerator, False, [])  # a device or precision that Lightning refuses, before any run
-    except (MisconfigurationException, ValueError, RuntimeError) as e:
-        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator}, trainer.devices={cfg.trainer.devices}, "
-                          f"trainer.precision={cfg.trainer.precision}: {str(e).splitlines()[0]}") from None
     accumulate = cfg.trainer.accumulate_grad_batches
     data.set_start_batch(start_step * accumulate)
+    if rank != 0:
+        return _train_other_rank(cfg, module, data, callbacks, ckpt_path, ckpt)
 
     logger = make_logger(cfg, run_id=resume_dir.name if resume_dir else None, extra_tags=tags)
     run_id = logger.run_id
@@ -235,3 +265,21 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
         f"{k} {metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/bpb") if k in metrics))
     print(f"checkpoints: {ckpt_dir}")
     return RunResult(run_id, run_dir, metrics)
+
+
+def _train_other_rank(cfg: DictConfig, module: LMModule, data: TokenDataModule, callbacks: Sequence[Callback],
+                      ckpt_path: Path | None, ckpt: dict | None) -> RunResult:
+    """A rank other than 0: the same training (and the same collective calls: checkpoints are gathered on
+    every rank) with no logger, no run folder and no output; rank 0 reports the run."""
+    unwritten = Path(cfg.out_dir) / "runs" / "rank0-run" / "checkpoints"  # save_checkpoint writes on rank 0 only
+    callbacks = [*callbacks, RunCheckpoints(unwritten, cfg.trainer.stop_at_step)]
+    cfg_quiet = cfg.copy()
+    cfg_quiet.trainer.progress_bar = False
+    trainer = _make_trainer(cfg_quiet, _accelerator(cfg), False, callbacks, VerifiedCheckpointIO(ckpt_path, ckpt))
+    if cfg.trainer.compile:
+        module.model = torch.compile(module.model)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    if module.nonfinite_stop:
+        raise FloatingPointError(module.nonfinite_stop)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return RunResult(None, None, metrics)

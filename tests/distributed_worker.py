@@ -116,6 +116,51 @@ def case_balance(out: Path) -> None:
     }, out / f"rank{rank}.pt")
 
 
+def case_fsdp(out: Path) -> None:
+    """The LM sharded per block with torch's fully_shard (FSDP2, which runs on CPU tensors with gloo, unlike the
+    FSDP that Lightning's FSDPStrategy wraps): loss, gradients and one AdamW step equal one process's."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from experiments.build import build_model
+    from experiments.config import compose
+    from experiments.distributed import FSDP_UNITS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    w = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(3))
+    rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+
+    def make(scope):
+        torch.manual_seed(0)
+        return build_model(compose(["model=tiny", f"router.balance_scope={scope}"]), 256).train()
+
+    def step(model, x, y):
+        logits, aux = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) + sum(aux.values())
+        loss.backward()
+        return loss.detach()
+
+    ref = make("micro_batch")  # one process on the whole batch: its own tokens are all the tokens
+    ref_loss = step(ref, w[:, :-1], w[:, 1:])
+    model = make("global_batch")  # each rank's Sinkhorn plan over every rank's tokens
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.layers:
+        assert isinstance(block, FSDP_UNITS)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    loss = step(model, w[rows, :-1], w[rows, 1:]).reshape(1)
+    dist.all_reduce(loss)
+    grad_err = max((p.grad.full_tensor() - q.grad).abs().max().item()
+                   for p, q in zip(model.parameters(), ref.parameters()))
+    for m in (ref, model):
+        torch.optim.AdamW(m.parameters(), lr=1e-2).step()
+    weight_err = max((p.full_tensor() - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    sharded = all(p.to_local().numel() < p.numel() for p in model.parameters() if p.numel() >= world)
+    torch.save({"loss": (loss.item() / world, ref_loss.item()), "grad_err": grad_err, "weight_err": weight_err,
+                "sharded": sharded}, out / f"rank{rank}.pt")
+
+
 def main() -> None:
     case, out, *args = sys.argv[1:]
     dist.init_process_group("gloo")
@@ -124,6 +169,8 @@ def main() -> None:
             case_ep(Path(out), int(args[0]), int(args[1]))
         elif case == "balance":
             case_balance(Path(out))
+        elif case == "fsdp":
+            case_fsdp(Path(out))
         elif case == "lightning":
             from distributed_lightning import run  # noqa: PLC0415  (tests/ is on sys.path as the script's folder)
             dist.destroy_process_group()  # Lightning initialises its own
