@@ -56,9 +56,9 @@ def xz_bpb(data: bytes) -> float:
     return 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / len(data)
 
 
-def val_text(data: DataConfig) -> tuple[bytes, bytes, bytes]:
-    """(the evaluated val windows concatenated, the whole val split, the corpus's train split), as bytes: the
-    same windows ValBatches hands the validation loop, seq_len + 1 tokens each (input and last target)."""
+def val_text(data: DataConfig) -> tuple[bytes, bytes, np.ndarray]:
+    """(the evaluated val windows concatenated, the whole val split) as bytes, and the train split's tokens. The
+    windows are the ones ValBatches hands the validation loop, seq_len + 1 tokens each (inputs and last target)."""
     src = load_source(data)
     if src.vocab_size != 256 or src.bytes_per_token != 1.0:
         raise ValueError(f"xz is compared per byte: data={data.name} is not byte-level")
