@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -98,10 +99,11 @@ def check_tokens(name: str, model: LM, batch: int, device: str, capture: bool, n
     return row
 
 
-def kernels_per_step(model: LM, device: str) -> int | None:
-    """GPU kernels one decode step launches (batch 1, greedy): what a CUDA graph replays in one launch."""
+def kernels_per_step(model: LM, device: str) -> str:
+    """GPU kernels one decode step launches (batch 1, greedy), what a CUDA graph replays in one launch,
+    and the most frequent ones: where fusing would cut the per-token time."""
     if device != "cuda":
-        return None
+        return "n/a on the CPU"
     from torch.profiler import ProfilerActivity, profile
 
     decoder = StaticDecoder(model, 1, 64, temperature=0.0, capture=False)
@@ -111,7 +113,9 @@ def kernels_per_step(model: LM, device: str) -> int | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decoder.advance()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    names = Counter(e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    top = ", ".join(f"{n} {name[:60]}" for name, n in names.most_common(8))
+    return f"{sum(names.values())} (most frequent: {top})"
 
 
 def kv_cache_bytes(model: LM, batch: int, context: int) -> int:
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{active_params(model) / 1e6:.1f}M active, pattern {model.pattern[:2]} x {len(model.pattern) // 2}")
         try:
-            log(f"{name}: {kernels_per_step(model, device)} GPU kernels per eager decode step (batch 1, greedy)")
+            log(f"{name}: GPU kernels per eager decode step (batch 1, greedy): {kernels_per_step(model, device)}")
         except Exception as exc:  # a diagnostic only
             log(f"{name}: kernel count failed: {type(exc).__name__}: {str(exc)[:200]}")
         for batch in batches:
