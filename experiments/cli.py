@@ -89,6 +89,10 @@ def _main_comparison(argv: list[str], runs: dict[str, list[str]], show_cfg: bool
     result = run_comparison(argv, runs)
     if result.report:
         print(f"comparison report: {result.report}")
+    if result.interrupted:
+        never = f"; arms not started: {', '.join(result.not_started)}" if result.not_started else ""
+        print(f"\ninterrupted: {result.interrupted}{never}", file=sys.stderr)
+        return result.interrupted.exit_code
     if result.failed:
         print(f"error: {len(result.failed)} of {len(runs)} arms failed: "
               + "; ".join(f"{name}: {reason}" for name, reason in result.failed.items()), file=sys.stderr)

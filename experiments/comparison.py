@@ -29,12 +29,14 @@ SHARED_KEYS = ("out_dir", "tracking.experiment", "tracking.uri")  # where the re
 
 @dataclass
 class Comparison:
-    """What a comparison left: each arm's MLflow run id, why arms failed, and the report (None if no arm
-    finished)."""
+    """What a comparison left: each arm's MLflow run id, why arms failed, the report (None if no arm
+    finished), and, when SIGTERM or Ctrl-C stopped it, that Interrupted with the arms never started."""
 
     run_ids: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     report: Path | None = None
+    interrupted: KeyboardInterrupt | None = None
+    not_started: list[str] = field(default_factory=list)
 
 
 def arm_configs(argv: list[str], runs: dict[str, list[str]]) -> dict[str, DictConfig]:
@@ -59,13 +61,22 @@ def arm_configs(argv: list[str], runs: dict[str, list[str]]) -> dict[str, DictCo
 def run_comparison(argv: list[str], runs: dict[str, list[str]]) -> Comparison:
     """Train every arm in turn, then write the comparison report of exactly these runs under
     <out_dir>/analysis/<tracking.experiment>/ (report.md and figures/). Ctrl-C / SIGTERM stop the whole
-    comparison (the arm being trained ends KILLED with a checkpoint, as any run does)."""
+    comparison (the arm being trained ends KILLED with a checkpoint, as any run does); the report then covers
+    the arms trained so far, so a comparison cut short by a time limit still leaves one."""
+    from experiments.train import Interrupted
+
     configs = arm_configs(argv, runs)
     session = uuid.uuid4().hex[:12]  # tells this comparison's runs from earlier ones in the same experiment
     result = Comparison()
     for i, (name, cfg) in enumerate(configs.items(), 1):
         print(f"=== arm {i}/{len(configs)}: {name} ({' '.join(runs[name]) or 'the shared settings'})", flush=True)
-        run_id, reason = _train_arm(name, cfg, {"comparison_arm": name, "comparison_id": session})
+        try:
+            run_id, reason = _train_arm(name, cfg, {"comparison_arm": name, "comparison_id": session})
+        except Interrupted as e:
+            result.run_ids[name], result.failed[name], result.interrupted = e.run_id, f"stopped by {e.signal_name}", e
+            result.not_started = list(configs)[i:]
+            open_store(tracking_uri(cfg)).set_tag(e.run_id, "end_reason", result.failed[name])
+            break
         result.run_ids[name] = run_id
         if reason:
             result.failed[name] = reason
@@ -80,7 +91,7 @@ def _train_arm(name: str, cfg: DictConfig, tags: dict[str, str]) -> tuple[str, s
 
     try:
         return train(cfg, tags=tags).run_id, None
-    except Interrupted:
+    except Interrupted:  # stops the comparison (run_comparison), not only this arm
         raise
     except Exception as e:  # noqa: BLE001  one arm's crash (a bug, bad data, divergence) must not end the others
         reason = f"{type(e).__name__}: {one_line(e)}"

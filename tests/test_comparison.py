@@ -58,33 +58,46 @@ def test_router_comparison_trains_every_arm_and_writes_one_report(tmp_path, caps
     assert {r.info.run_name for r in runs} == set(ARMS)
 
 
-class CrashAt(Callback):
+class RaiseInFirstStep(Callback):
+    def __init__(self, error: BaseException):
+        self.error = error
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        raise RuntimeError("injected crash in training")
+        raise self.error
 
 
 def test_a_crashed_arm_is_failed_and_reported_while_the_others_train(tmp_path, capsys, monkeypatch):
+    """sinkhorn crashes: FAILED, and top1 and topk still train. Then aux_free is stopped by SIGTERM: the
+    comparison ends there (expert_choice never starts) and still writes the report of what it trained."""
     import experiments.train as train_module
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     real_train = train_module.train
+    errors = {"sinkhorn": RuntimeError("injected crash in training"), "aux_free": SIGTERMException()}
 
-    def train(cfg, callbacks=(), tags=None):  # the sinkhorn arm crashes in its first step
-        extra = [CrashAt()] if cfg.tracking.run_name == "sinkhorn" else []
+    def train(cfg, callbacks=(), tags=None):
+        name = cfg.tracking.run_name
+        extra = [RaiseInFirstStep(errors[name])] if name in errors else []
         return real_train(cfg, [*callbacks, *extra], tags)
 
     monkeypatch.setattr(train_module, "train", train)
     from experiments.comparison import run_comparison
 
-    result = run_comparison(fast(tmp_path), {"top1": ["router=top1"], "sinkhorn": ["router=sinkhorn"]})
-    assert list(result.failed) == ["sinkhorn"] and "injected crash" in result.failed["sinkhorn"]
+    runs = {arm: experiment_runs(["experiment=router_comparison"])[arm]
+            for arm in ("top1", "sinkhorn", "topk", "aux_free", "expert_choice")}
+    result = run_comparison(fast(tmp_path), runs)
+    assert list(result.failed) == ["sinkhorn", "aux_free"] and "injected crash" in result.failed["sinkhorn"]
+    assert result.interrupted.signal_name == "SIGTERM" and result.not_started == ["expert_choice"]
     assert "arm sinkhorn failed: RuntimeError: injected crash" in capsys.readouterr().err
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     failed = client.get_run(result.run_ids["sinkhorn"])
     assert failed.info.status == "FAILED" and "injected crash" in failed.data.tags["end_reason"]
-    assert client.get_run(result.run_ids["top1"]).info.status == "FINISHED"
+    assert client.get_run(result.run_ids["aux_free"]).info.status == "KILLED"
+    assert {client.get_run(result.run_ids[a]).info.status for a in ("top1", "topk")} == {"FINISHED"}
     text = result.report.read_text()
-    assert list(results_table(text)) == ["top1"]
+    assert list(results_table(text)) == ["top1", "topk"]
     assert "## Arms that did not finish" in text and re.search(r"\| sinkhorn \| \w+ \| FAILED \| RuntimeError", text)
+    assert re.search(r"\| aux_free \| \w+ \| KILLED \| stopped by SIGTERM", text)
 
 
 def test_runs_is_understood_by_composition_and_refused_where_it_makes_no_sense(tmp_path, capsys):
