@@ -1,8 +1,9 @@
 """Experiments of several runs: an experiment file with a `runs:` mapping (conf/experiment/router_comparison.yaml)
-trains one run per arm, each with the arm's overrides on top of the shared settings and the command line's,
-then writes their comparison report (analysis.report.comparison_report).
+trains one run per arm: the shared settings, the command line's overrides (which reach every arm, and so may not
+set a key that an arm sets) and the arm's own; then writes their comparison report
+(analysis.report.comparison_report).
 
-    runs:                      # arm name -> the overrides that make it, applied after the command line's
+    runs:                      # arm name -> the overrides that make it
       top1: [router=top1]
       aux_free: [router=aux_free]
 
@@ -45,6 +46,7 @@ def arm_configs(argv: list[str], runs: dict[str, list[str]]) -> dict[str, DictCo
     if "resume" in {key for key, _ in split_argv(argv)[1]}:
         raise ConfigError("resume= continues one run, not a comparison: resume an arm with python run.py "
                           "resume=<its run id> (add --runs to this command to list the arms' runs)")
+    _refuse_overlap(argv, runs)
     configs = {}
     for name, overrides in runs.items():
         try:
@@ -56,6 +58,24 @@ def arm_configs(argv: list[str], runs: dict[str, list[str]]) -> dict[str, DictCo
         if len(values) > 1:
             raise ConfigError(f"the arms must share {key} (one store, one report), got {', '.join(sorted(values))}")
     return configs
+
+
+def _keys(tokens: list[str]) -> set[str]:
+    """The group picks and dotted keys (aliases expanded) that override tokens set."""
+    picks, dotted = split_argv(tokens)
+    return set(picks) | {key for key, _ in dotted}
+
+
+def _refuse_overlap(argv: list[str], runs: dict[str, list[str]]) -> None:
+    """A command-line override applies to every arm, so it must not be a key that an arm sets (the arm's value
+    would silently win for that arm, and `router=...` would be ignored by every arm)."""
+    given = _keys(argv)
+    for name, overrides in runs.items():
+        both = given & (_keys(overrides) | {"tracking.run_name"})  # each arm's run is named after the arm
+        if both:
+            raise ConfigError(f"{', '.join(sorted(both))}: set on the command line and by arm '{name}' "
+                              f"({' '.join(overrides) or 'its run name'}); a command-line override applies to "
+                              "every arm, so drop it there (or change the arm in the experiment file)")
 
 
 def run_comparison(argv: list[str], runs: dict[str, list[str]]) -> Comparison:

@@ -120,6 +120,9 @@ def test_runs_is_understood_by_composition_and_refused_where_it_makes_no_sense(t
     # every arm is checked before any trains: sinkhorn has no aux_loss_coef
     message = error(main_train, [*fast(tmp_path), "router.aux_loss_coef=0.1"])
     assert "arm 'top1'" not in message and "arm 'sinkhorn' (router=sinkhorn)" in message and "router.aux_loss_coef" in message
+    # a command-line override reaches every arm: it cannot also be what an arm sets
+    assert "router: set on the command line and by arm 'top1' (router=top1)" in error(main_train, [*fast(tmp_path), "router=sinkhorn"])
+    assert "moe.top_k: set on the command line and by arm 'topk'" in error(main_train, [*fast(tmp_path), "top_k=2"])
     assert not (tmp_path / "runs").exists(), "nothing trained"
 
 
