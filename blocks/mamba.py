@@ -156,16 +156,14 @@ class Mamba(Mixer):
     def forward(self, x_BLD: Tensor, cache: MambaCache | None = None) -> Tensor:
         backend = self._backend(x_BLD)
         x_BLE, z_BLE = self.in_proj(x_BLD).chunk(2, dim=-1)
-        if backend == "triton" and self.backend == "auto" and cache is None:  # mamba-ssm's scan takes no state
-            B, L, E = x_BLE.shape
-            backward = torch.is_grad_enabled() and self.in_proj.weight.requires_grad
-            backend = choose_scan_backend((B, L, E, self.d_state), x_BLE.device, x_BLE.dtype, backward,
-                                          selective_scan_triton)
         x_BEL = self._conv(x_BLE.transpose(1, 2), cache, backend)
 
         dt_BLE, B_BLN, C_BLN, A_EN = self._ssm_inputs(x_BEL.transpose(1, 2))
         args = (x_BEL, dt_BLE.transpose(1, 2), A_EN, B_BLN.transpose(1, 2), C_BLN.transpose(1, 2))
         kw = dict(D=self.D.float(), z=z_BLE.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        if backend == "triton" and self.backend == "auto" and cache is None:  # mamba-ssm's scan takes no state
+            backward = torch.is_grad_enabled() and self.in_proj.weight.requires_grad
+            backend = choose_scan_backend(args, kw, backward, selective_scan_triton)
         if backend == "mamba_ssm" and cache is None:  # its scan takes no initial state
             y_BEL = _mamba_ssm_ops()[0](*args, **kw)
         else:

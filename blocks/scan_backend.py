@@ -1,11 +1,11 @@
 """`mixer.backend=auto` on CUDA: the Triton selective scan, unless mamba-ssm is installed and measured faster.
 
-Which of the two is faster depends on the shape and on whether a backward follows (at B 8, L 2048, D 2304
-the Triton forward is faster and mamba-ssm's fwd+bwd is; see benchmarks/RESULTS.md). So the first time the
-mixer meets a shape it times both scans on random inputs of that shape (fwd, or fwd+bwd when autograd is
-recording) and keeps the faster for the rest of the process. The measurement draws from its own generator,
-so it leaves the training RNG alone, and it is skipped while torch.compile traces (the kept choice, or
-Triton, is used there).
+Which of the two is faster depends on the shape, on the memory layout of the inputs and on whether a
+backward follows (benchmarks/RESULTS.md). So the first time a mixer meets a shape it times both scans on its
+own inputs, in their layouts (fwd, or fwd+bwd when autograd is recording), and keeps the faster for the rest
+of the process; timed on contiguous copies instead, mamba-ssm's scan looks faster than it is inside the
+mixer, where it first copies its inputs. Nothing is timed while torch.compile traces (the kept choice, or
+Triton, is used there). The conv stays on the Triton kernel either way.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-# (B, L, E, N, dtype, with backward) -> "triton" | "mamba_ssm"
+# (B, L, E, N, dtype, strides of the inputs, with backward) -> "triton" | "mamba_ssm"
 _choices: dict[tuple, str] = {}
 
 
@@ -44,25 +44,17 @@ def cuda_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def scan_case(shape: tuple, device, dtype, backward: bool, scan: Callable) -> Callable[[], object]:
-    """A call of `scan` on random inputs of the mixer's shape (B, L, E, N), as the mixer calls it."""
-    B, L, E, N = shape
-    g = torch.Generator(device=device).manual_seed(0)
+def scan_case(args: tuple, kw: dict, backward: bool, scan: Callable) -> Callable[[], object]:
+    """A call of `scan` on detached views of the mixer's own inputs: the same values, shapes and memory
+    layouts (a kernel that needs contiguous inputs pays for its copies here as it would in the mixer)."""
+    def view(t):  # every input the mixer's backward differentiates (u, delta, A, B, C, D, z, delta bias)
+        return t.detach().requires_grad_(backward) if isinstance(t, torch.Tensor) else t
 
-    def rand(*size, dt=dtype, scale=1.0):
-        return (torch.randn(*size, generator=g, device=device, dtype=torch.float32) * scale).to(dt)
-
-    u, dt_, z = rand(B, E, L), rand(B, E, L, scale=0.5), rand(B, E, L)
-    Bm, Cm = rand(B, N, L), rand(B, N, L)
-    A = -torch.rand(E, N, generator=g, device=device) - 0.5
-    D, bias = rand(E, dt=torch.float32), rand(E, dt=torch.float32, scale=0.1)
-    ins = [u, dt_, Bm, Cm, z]
-    if backward:
-        for t in ins:
-            t.requires_grad_(True)
+    args, kw = tuple(view(a) for a in args), {k: view(v) for k, v in kw.items()}
+    ins = [t for t in (*args, *kw.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def run():
-        y = scan(u, dt_, A, Bm, Cm, D=D, z=z, delta_bias=bias, delta_softplus=True)
+        y = scan(*args, **kw)
         if backward:
             torch.autograd.grad(y, ins, torch.ones_like(y))
         return y
@@ -70,17 +62,20 @@ def scan_case(shape: tuple, device, dtype, backward: bool, scan: Callable) -> Ca
     return run
 
 
-def choose(shape: tuple, device, dtype, backward: bool, triton_scan: Callable,
+def choose(args: tuple, kw: dict, backward: bool, triton_scan: Callable,
            timer: Callable[[Callable[[], object]], float] = cuda_time_ms) -> str:
-    """"triton" or "mamba_ssm" for this scan shape: the faster of the two as measured (once per process)."""
-    key = (*shape, dtype, backward)
+    """"triton" or "mamba_ssm" for the scan of these inputs (u, delta, A, B, C as the mixer passes them; kw the
+    D, z, delta_bias, delta_softplus keywords): the faster of the two as measured, once per shape and pass."""
+    u, _, A = args[:3]
+    shape = (u.shape[0], u.shape[2], u.shape[1], A.shape[1])  # B, L, E, N
+    key = (*shape, u.dtype, tuple(a.stride() for a in args), backward)
     if key in _choices:
         return _choices[key]
     theirs = mamba_ssm_scan()
     if theirs is None or torch.compiler.is_compiling():
         return "triton"
     with torch.enable_grad() if backward else torch.no_grad():
-        times = {name: timer(scan_case(shape, device, dtype, backward, fn))
+        times = {name: timer(scan_case(args, kw, backward, fn))
                  for name, fn in (("triton", triton_scan), ("mamba_ssm", theirs))}
     _choices[key] = min(times, key=times.get)
     if _choices[key] != "triton":

@@ -199,14 +199,20 @@ def test_auto_backend_takes_mamba_ssm_only_where_it_measured_faster(monkeypatch)
         name = calls[before]
         return 1.0 if (name == "mamba_ssm") == (not torch.is_grad_enabled()) else 2.0
 
-    shape = (2, 11, 16, 3)
+    B, L, E, N = 2, 11, 16, 3
+    args = (torch.randn(B, E, L), torch.randn(B, E, L), -torch.rand(E, N), torch.randn(B, N, L), torch.randn(B, N, L))
+    kw = dict(D=torch.randn(E), z=torch.randn(B, E, L), delta_bias=None, delta_softplus=True)
     monkeypatch.setattr(scan_backend, "mamba_ssm_scan", lambda: None)
-    assert scan_backend.choose(shape, "cpu", torch.float32, False, ours, timer) == "triton" and not calls
+    assert scan_backend.choose(args, kw, False, ours, timer) == "triton" and not calls
     monkeypatch.setattr(scan_backend, "mamba_ssm_scan", lambda: theirs)
-    assert scan_backend.choose(shape, "cpu", torch.float32, False, ours, timer) == "mamba_ssm"
-    assert scan_backend.choose(shape, "cpu", torch.float32, True, ours, timer) == "triton"
+    assert scan_backend.choose(args, kw, False, ours, timer) == "mamba_ssm"
+    assert scan_backend.choose(args, kw, True, ours, timer) == "triton"
     n = len(calls)
-    assert scan_backend.choose(shape, "cpu", torch.float32, False, ours, timer) == "mamba_ssm" and len(calls) == n
+    assert scan_backend.choose(args, kw, False, ours, timer) == "mamba_ssm" and len(calls) == n
+    # inputs of another layout are another case: measured again
+    t_args = (args[0].transpose(1, 2).contiguous().transpose(1, 2), *args[1:])
+    scan_backend.choose(t_args, kw, False, ours, timer)
+    assert len(calls) > n
 
     # inside the mixer: the forward-only pass runs "mamba-ssm's" scan, the training pass the Triton one
     monkeypatch.setattr(mamba_mod, "_mamba_ssm_ops", lambda: (theirs, None))
@@ -217,10 +223,12 @@ def test_auto_backend_takes_mamba_ssm_only_where_it_measured_faster(monkeypatch)
     mixer = Mamba(8, MambaConfig(d_state=3))
     x = torch.randn(2, 11, 8)
     with force_triton():
-        calls.clear()
         with torch.no_grad():
+            mixer(x)  # measures both on the mixer's inputs
+            calls.clear()
             y_fwd = mixer(x)
         assert calls == ["mamba_ssm"]
+        mixer(x)
         calls.clear()
         y_train = mixer(x)
         assert calls == ["triton"]
