@@ -341,7 +341,8 @@ def bench_eager(name: str, setup: Setup) -> Result:
     time_fwd_bwd(module, result, "fwd+bwd", setup)
     check_training(module, result, "step", setup)
     if scan_backend._choices:  # mixer.backend=auto picks mamba-ssm's scan where it measured faster
-        result.notes.append(f"scan backend per (B, L, E, N, dtype, backward): {scan_backend._choices}")
+        picks = sorted({(k[:4], k[-1], v) for k, v in scan_backend._choices.items()}, key=str)  # (B, L, E, N), bwd
+        result.notes.append(f"scan backend per ((B, L, E, N), with backward, pick): {picks}")
         log(setup, f"  {result.notes[-1]}")
     return result
 
