@@ -138,22 +138,21 @@ def gather_expert_checkpoint(checkpoint: dict, module: nn.Module, optimizers, gr
         state[name] = gather_experts(p.detach(), groups)
     for opt, opt_state in zip(optimizers, checkpoint.get("optimizer_states", [])):
         for index, p in _expert_state_index(opt).items():
-            for key, value in opt_state["state"].get(index, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    opt_state["state"][index][key] = gather_experts(value, groups)
+            live = opt_state["state"].get(index, {})  # the optimizer's own dict: replaced, never changed
+            opt_state["state"][index] = {key: gather_experts(value, groups)
+                                         if torch.is_tensor(value) and value.shape == p.shape else value
+                                         for key, value in live.items()}
 
 
 def shard_expert_checkpoint(checkpoint: dict, module: nn.Module, groups: ExpertGroups) -> None:
     """The inverse of gather_expert_checkpoint on load: keep this rank's experts of every full expert tensor.
     The optimizer's states are cut the same way: state index -> parameter follows configure_optimizers' order
     (decay group, then no-decay group), which is read from a fresh optimizer built the same way."""
-    lo_hi = {name: None for name, _ in expert_parameters(module)}
     state = checkpoint["state_dict"]
     P, r = groups.ep_size, groups.ep_rank
-    for name in lo_hi:
-        full = state[name]
-        n = full.shape[0] // P
-        state[name] = full[r * n:(r + 1) * n].clone()
+    for name, p in expert_parameters(module):
+        n = p.shape[0]
+        state[name] = state[name][r * n:(r + 1) * n].clone()
     opts = module.configure_optimizers()
     opt = opts["optimizer"] if isinstance(opts, dict) else opts
     for opt_state in checkpoint.get("optimizer_states", [])[:1]:

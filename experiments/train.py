@@ -89,7 +89,9 @@ def _quiet() -> None:
                  "mlflow", "mlflow.store.db.utils", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
-                    ".*checkpoint.*iterable.*", ".*lightning-cloud.*", ".*litlogger.*", ".*Starting from v1.9.0.*"):
+                    ".*checkpoint.*iterable.*", ".*lightning-cloud.*", ".*litlogger.*", ".*Starting from v1.9.0.*",
+                    # MoE statistics are summed over ranks before they are logged (experiments.distributed)
+                    r"It is recommended to use `self.log\('moe/"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
