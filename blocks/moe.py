@@ -204,8 +204,8 @@ class MoE(nn.Module):
         if cfg.expert_parallel < 1 or (cfg.num_experts * m) % cfg.expert_parallel:
             raise ValueError(f"moe.expert_parallel={cfg.expert_parallel} must be >= 1 and divide the number of experts "
                              f"{cfg.num_experts * m} (num_experts x granularity): each rank holds an equal share")
-        if cfg.capacity_factor is not None and cfg.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {cfg.capacity_factor}")
+        if cfg.capacity_factor is not None and not (math.isfinite(cfg.capacity_factor) and cfg.capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be a finite number > 0 or None (dropless), got {cfg.capacity_factor}")
         if d_model < 1 or ffn < 1:
             raise ValueError(f"d_model and ffn_dim must be >= 1, got d_model={d_model}, ffn_dim={ffn}")
         if m < 1 or ffn % m:
