@@ -22,9 +22,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.checkpoint import CheckpointError
 from experiments.config import ConfigError, compose, split_argv
 from experiments.tracking import open_store, tracking_uri
 
+# Errors with a message for the user (bad data, a bad checkpoint, a diverged run): one line, no traceback.
+EXPECTED_ERRORS = (ConfigError, CheckpointError, FloatingPointError)
 SHARED_KEYS = ("out_dir", "tracking.experiment", "tracking.uri")  # where the report finds the arms' runs
 
 
@@ -115,7 +118,10 @@ def _train_arm(name: str, cfg: DictConfig, tags: dict[str, str]) -> tuple[str, s
         raise
     except Exception as e:  # noqa: BLE001  one arm's crash (a bug, bad data, divergence) must not end the others
         reason = f"{type(e).__name__}: {one_line(e)}"
-        run_id = _record_failure(cfg, tags, reason, traceback.format_exc())
+        trace = traceback.format_exc()
+        run_id = _record_failure(cfg, tags, reason, trace)
+        if not isinstance(e, EXPECTED_ERRORS):  # a bug: whoever fixes it needs to see where it happened
+            print(trace, file=sys.stderr, end="")
         print(f"arm {name} failed: {reason} (MLflow run {run_id}, traceback in its artifact error.txt); "
               "going on with the next arm", file=sys.stderr, flush=True)
         return run_id, reason
