@@ -12,6 +12,7 @@ vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model:
             first steps of `step` below, that the training loss is finite and falls
   fwd+bwd   model forward, loss (LMModule's, with the routers' aux losses) and backward under bf16 autocast
             with fp32 weights, which is what Lightning's bf16-mixed runs; no optimizer
+  bf16 w    fwd+bwd again after casting the weights to bf16 (trainer.precision=bf16-true, as the anchor runs)
   step      the whole training step as a run takes it: Lightning's Trainer (the one experiments.train builds)
             driving LMModule.training_step, backward, the non-finite check, gradient clipping, the AdamW of
             configure_optimizers, the LR schedule and zero_grad; timed between steps inside fit, so the
@@ -340,6 +341,10 @@ def bench_eager(name: str, setup: Setup) -> Result:
                f"{'ok' if c['kernels_match'] else 'MISMATCH'}")
     time_fwd_bwd(module, result, "fwd+bwd", setup)
     check_training(module, result, "step", setup)
+    # bf16 weights (trainer.precision=bf16-true), as the off-the-shelf anchor runs: autocast has no weight
+    # left to cast, so the difference to "fwd+bwd" is what the per-use casts of fp32 weights cost
+    module.to(setup.device, torch.bfloat16)
+    time_fwd_bwd(module, result, "fwd+bwd bf16 weights", setup)
     if scan_backend._choices:  # mixer.backend=auto picks mamba-ssm's scan where it measured faster
         picks = sorted({(k[:4], k[-1], v) for k, v in scan_backend._choices.items()}, key=str)  # (B, L, E, N), bwd
         result.notes.append(f"scan backend per ((B, L, E, N), with backward, pick): {picks}")
@@ -428,7 +433,7 @@ def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
 
 
 def table(results: list[Result], anchor: dict[str, float], setup: Setup) -> None:
-    variants = ["fwd+bwd", "step", "fwd+bwd compiled", "step compiled"]
+    variants = ["fwd+bwd", "fwd+bwd bf16 weights", "step", "fwd+bwd compiled", "step compiled"]
     log(setup, "\n| model | params total / active | check | variant | ms | tokens/s | 6N-MFU | peak GB | ours / off-the-shelf |")
     log(setup, "|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
