@@ -163,6 +163,12 @@ def case_fsdp(out: Path) -> None:
 
 def main() -> None:
     case, out, *args = sys.argv[1:]
+    if case == "cli":  # run.py itself: Lightning sets up torch.distributed
+        from experiments.cli import main_train
+
+        rc = main_train(args)
+        torch.save({"rc": rc}, Path(out) / f"rank{os.environ['RANK']}.pt")
+        return
     dist.init_process_group("gloo")
     try:
         if case == "ep":

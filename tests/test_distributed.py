@@ -112,3 +112,27 @@ def test_fsdp_sharding_per_block_matches_one_process_on_the_same_global_batch(tm
         assert r["sharded"], r
         assert abs(r["loss"][0] - r["loss"][1]) < 1e-5, r
         assert r["grad_err"] < 1e-6 and r["weight_err"] < 5e-5, r  # AdamW (lr 1e-2) magnifies rounding
+
+
+@pytest.mark.slow
+def test_run_py_under_torchrun_with_expert_parallelism_makes_one_run(tmp_path, tiny):
+    """rank 0 alone opens the MLflow run and writes; checkpoints written mid-run and at the end hold whole
+    experts (and training goes on after a mid-run one); resume=last continues the same run on 2 ranks."""
+    import mlflow
+
+    from experiments.checkpoint import load_checkpoint
+
+    argv = tiny("data.batch_size=2", "trainer.accelerator=cpu", "trainer.devices=2", "moe.expert_parallel=2",
+                "router.balance_scope=global_batch")
+    assert [r["rc"] for r in launch(2, tmp_path / "a", "cli", *argv)] == [0, 0]
+    assert [r["rc"] for r in launch(2, tmp_path / "b", "cli", "resume=last", "trainer.max_steps=6",
+                                    f"out_dir={tmp_path}")] == [0, 0]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    found = client.search_runs([client.get_experiment_by_name("blackmamba").experiment_id])
+    assert [(r.info.run_id, r.info.status) for r in found] == [(runs[0].name, "FINISHED")]
+    ckpt = load_checkpoint(runs[0] / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 6
+    experts = [v for k, v in ckpt["state_dict"].items() if k.endswith("mlp.w_in")]
+    assert experts and all(v.shape[0] == 4 for v in experts)  # model=tiny: 4 experts, 2 on each rank
