@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from blocks.kernels import force_triton
 from blocks.model import LM, ModelConfig
 from blocks.moe import MoE, MoEConfig
 from blocks.moe_decode import moe_step
@@ -98,6 +99,16 @@ def test_moe_decode_path_equals_forward(router, top_k, batch):
     moe = MoE(16, MoEConfig(num_experts=4, top_k=top_k, router=router, num_shared_experts=1), 24).eval()
     x = torch.randn(batch, 16)
     torch.testing.assert_close(moe_step(moe, x), moe(x[:, None])[0][:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_moe_decode_path_on_the_gpu_kernels_equals_forward():
+    # what CUDA runs below one slot per expert: the grouped Triton kernels (here through the interpreter)
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=4, top_k=1, router="sinkhorn"), 16).eval()
+    x = torch.randn(2, 16)
+    with force_triton():
+        got = moe_step(moe, x)
+    torch.testing.assert_close(got, moe_step(moe, x), rtol=1e-5, atol=1e-6)
 
 
 def test_moe_decode_path_honours_a_routing_mask():
