@@ -163,6 +163,9 @@ def case_fsdp(out: Path) -> None:
 
 def main() -> None:
     case, out, *args = sys.argv[1:]
+    if os.environ.get("DIST_TEST_STACKS_AFTER_S"):  # a rank stuck in a collective shows where, then exits
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["DIST_TEST_STACKS_AFTER_S"]), exit=True)
     if case == "cli":  # run.py itself: Lightning sets up torch.distributed
         from experiments.cli import main_train
 

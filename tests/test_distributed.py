@@ -17,7 +17,8 @@ import pytest
 import torch
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
-TIMEOUT_S = 90
+TIMEOUT_S = 300  # generous: the CPU may be shared; a hung rank prints its stack after STACKS_AFTER_S
+STACKS_AFTER_S = 240
 
 
 def _free_port() -> int:
@@ -34,13 +35,17 @@ def launch(world: int, out: Path, case: str, *args: str) -> list[dict]:
     for rank in range(world):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                    GROUP_RANK="0", WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_RUN_ID="test",
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", DIST_TEST_STACKS_AFTER_S=str(STACKS_AFTER_S))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), case, str(out), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = []
     try:
         for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+            try:
+                logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                logs.append(p.communicate()[0])
     finally:
         for p in procs:
             if p.poll() is None:
