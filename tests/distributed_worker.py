@@ -166,11 +166,18 @@ def main() -> None:
     if os.environ.get("DIST_TEST_STACKS_AFTER_S"):  # a rank stuck in a collective shows where, then exits
         import faulthandler
         faulthandler.dump_traceback_later(float(os.environ["DIST_TEST_STACKS_AFTER_S"]), exit=True)
-    if case == "cli":  # run.py itself: Lightning sets up torch.distributed
+    # Lightning sets up torch.distributed itself in these two. Initialising it here first and again on the same
+    # port is avoided: it is the likely cause of rare hangs seen when the whole test file ran.
+    if case == "cli":  # run.py itself
         from experiments.cli import main_train
 
         rc = main_train(args)
         torch.save({"rc": rc}, Path(out) / f"rank{os.environ['RANK']}.pt")
+        return
+    if case == "lightning":
+        from distributed_lightning import run  # tests/ is on sys.path as the script's folder
+
+        run(Path(out), *args)
         return
     dist.init_process_group("gloo")
     try:
@@ -180,11 +187,6 @@ def main() -> None:
             case_balance(Path(out))
         elif case == "fsdp":
             case_fsdp(Path(out))
-        elif case == "lightning":
-            from distributed_lightning import run  # noqa: PLC0415  (tests/ is on sys.path as the script's folder)
-            dist.destroy_process_group()  # Lightning initialises its own
-            run(Path(out), *args)
-            return
         else:
             raise SystemExit(f"unknown case {case}")
         dist.barrier()
