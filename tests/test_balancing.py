@@ -288,3 +288,24 @@ def test_router_with_bias_is_the_same_on_the_kernel_path(gate, k):
         torch.testing.assert_close(b.aux_losses[name], a.aux_losses[name], msg=name)
     assert counts_a.tolist() == counts_b.tolist() and counts_a.sum() == 40 * k
     assert bias_a.tolist() == bias_b.tolist()
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_updates_the_bias_once_per_optimizer_step(tmp_path, accumulate):
+    """Through run.py's training path: the bias moves (the step hook is called) by one rate-sized sign step per
+    optimizer step per expert, however many micro-batches the step accumulates."""
+    from conftest import tiny_argv
+    from experiments.checkpoint import load_checkpoint
+    from experiments.config import compose
+    from experiments.train import train
+
+    steps = 3
+    cfg = compose(tiny_argv(tmp_path, "router=aux_free", f"trainer.max_steps={steps}", "trainer.val_every=3",
+                            f"trainer.accumulate_grad_batches={accumulate}"))
+    result = train(cfg)
+    state = load_checkpoint(result.run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    sign_steps = [v for k, v in state.items() if k.endswith("load.bias_steps")]
+    assert sign_steps, "no aux-loss-free router in the model"
+    # each expert moves by -1, 0 or +1 per optimizer step (a load equal to the mean leaves it): never more
+    # than `steps` in all, and an unbalanced tiny router does move
+    assert all(s.abs().max() <= steps for s in sign_steps) and any(s.abs().sum() > 0 for s in sign_steps)

@@ -264,6 +264,9 @@ def test_forward_returns_router_aux_losses():
 
 
 def test_bf16_input_keeps_dtype_and_is_close_to_fp32():
+    # seeded: on unseeded inputs a near-tie of two gate logits can route a token differently in bf16, which
+    # is a legitimate difference and not what this test is about
+    torch.manual_seed(0)
     moe = build(num_experts=4, top_k=2, router="topk").eval()
     x = torch.randn(2, 4, 16)
     y32 = moe(x)[0]
