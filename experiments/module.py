@@ -87,7 +87,8 @@ class LMModule(L.LightningModule):
         if self.expert_groups is not None:  # the expert gradients, summed over the ranks holding the same experts
             sync_expert_grads(self, self.expert_groups)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).sum() if grads else 0.0
+        # one multi-tensor kernel for all the per-gradient norms (a loop would launch one kernel per parameter)
+        norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).sum() if grads else 0.0
         loss = self._loss if self._loss is not None else torch.zeros(())
         finite = torch.isfinite(loss.float() + norm).reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
