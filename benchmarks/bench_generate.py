@@ -6,9 +6,12 @@ Models (random init, bf16 weights): the BlackMamba-1.5B preset (conf/model/black
 15 MoE blocks, d 1152, 8 experts of ffn 3072, top-1, vocab 50304) and an attention + MoE model with the same
 width, layers and experts (18 heads of 64), whose KV cache holds the full context.
 
-1. Check, on the real preset: generate() with CUDA graphs gives exactly the tokens of the plain path
+1. Checks, on the real preset: generate() with CUDA graphs gives exactly the tokens of the plain path
    (eager model.step per token), greedy and sampled (same seed), at batch 1 and 64 (the MoE decode path
-   gathers experts below 8 slots and runs all experts from 8 on).
+   reads the routed experts below 8 slots and runs all experts from 8 on); and the fused step that LM.step
+   runs on CUDA (blocks/fused_step.py) computes the modules' own steps: teacher-forced steps of both on an
+   fp32 copy of the model must agree to 1e-3 of the largest logit (and, for information, both paths in bf16
+   against that fp32 reference: max |logit error| over max |logit|, and how often the argmax agrees).
 2. Speed: decode tokens/s, ms per step and peak memory per (model, batch, context, greedy/sampled), with CUDA
    graphs at every context and with the plain path at the first context. `context` = prompt + generated
    tokens = the cache's max_len. To stay within minutes, each run prefills at most PREFILL_TOKENS tokens in
@@ -24,6 +27,8 @@ runs eagerly), so that the script is exercised by the tests.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import os
 import sys
@@ -39,6 +44,7 @@ from blocks.attention import AttentionCache, AttentionConfig  # noqa: E402
 from blocks.mamba import MambaConfig  # noqa: E402
 from blocks.model import LM, ModelConfig  # noqa: E402
 from blocks.moe import MoE, MoEConfig  # noqa: E402
+from blocks.kernels import force_triton, interpreting, pytorch_reference  # noqa: E402
 from experiments.cuda_graphs import StaticDecoder  # noqa: E402
 from experiments.decoding import generate_eager  # noqa: E402
 
@@ -96,6 +102,49 @@ def check_tokens(name: str, model: LM, batch: int, device: str, capture: bool, n
         del decoder
     log(f"check {name} batch {batch}: greedy {'same' if row['greedy'] else 'DIFFERENT'}, "
         f"sampled {'same' if row['sampled'] else 'DIFFERENT'} ({new_tokens} tokens, graph vs plain)")
+    return row
+
+
+def check_fused(name: str, model: LM, batch: int, device: str, steps: int = 16) -> dict:
+    """The fused step against the modules' steps on an fp32 copy of the model (teacher-forced: the same tokens
+    fed to both; must agree to 1e-3 of the largest logit), and, for information, both in the model's dtype
+    against that fp32 reference (with random weights, bf16 rounding flips near-tied routing decisions, so those
+    errors are large for either path). On the CPU the fused side runs through Triton's interpreter."""
+    vocab = model.embedding.num_embeddings
+    g = torch.Generator(device).manual_seed(3)
+    prompt = torch.randint(0, vocab, (batch, 16), device=device, generator=g)
+    tokens = torch.randint(0, vocab, (batch, steps), device=device, generator=g)
+    fused_ctx = contextlib.nullcontext if device == "cuda" else force_triton if interpreting() else None
+    if fused_ctx is None:
+        log(f"check {name} batch {batch}: fused step not run (CPU without TRITON_INTERPRET=1)")
+        return {"model": name, "batch": batch, "fused_ok": True, "skipped": "no Triton on this device"}
+
+    def run(m: LM, ctx) -> torch.Tensor:
+        cache = m.allocate_cache(batch, 16 + steps)
+        with torch.no_grad():
+            with pytorch_reference():  # the same prefill for every path
+                m(prompt, cache)
+            with ctx():
+                return torch.stack([m.step(tokens[:, t], cache).float() for t in range(steps)])
+
+    def compare(out: torch.Tensor, ref: torch.Tensor, label: str) -> None:
+        row[f"{label}_rel_err"] = float((out - ref).abs().max() / ref.abs().max())
+        row[f"{label}_argmax_agree"] = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+
+    row = {"model": name, "batch": batch, "steps": steps}
+    m32 = copy.deepcopy(model).float()
+    ref = run(m32, pytorch_reference)
+    compare(run(m32, fused_ctx), ref, "fused")
+    del m32
+    if model.embedding.weight.dtype != torch.float32:
+        compare(run(model, fused_ctx), ref, "fused_lowp")
+        compare(run(model, pytorch_reference), ref, "modules_lowp")
+    row["fused_ok"] = row["fused_rel_err"] < 1e-3
+    lowp = (f"; in {model.embedding.weight.dtype}: fused {row['fused_lowp_rel_err']:.2e} "
+            f"({100 * row['fused_lowp_argmax_agree']:.0f}%), modules {row['modules_lowp_rel_err']:.2e} "
+            f"({100 * row['modules_lowp_argmax_agree']:.0f}%)") if "fused_lowp_rel_err" in row else ""
+    log(f"check {name} batch {batch}: fused step vs the modules' steps, fp32: rel err {row['fused_rel_err']:.2e}, "
+        f"argmax agrees {100 * row['fused_argmax_agree']:.0f}% ({'ok' if row['fused_ok'] else 'MISMATCH'}){lowp}")
     return row
 
 
@@ -219,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: kernel count failed: {type(exc).__name__}: {str(exc)[:200]}")
         for batch in batches:
             checks.append(check_tokens(name, model, batch, device, capture, 8 if args.smoke else 48))
+            checks.append(check_fused(name, model, batch, device, 4 if args.smoke else 16))
         for batch in batches:
             for mode in SAMPLING:
                 rows.append(measure(name, model, batch, contexts[0], mode, False, plain_steps, device))
@@ -232,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         del model
         if capture:
             torch.cuda.empty_cache()
-    ok = all(c["greedy"] and c["sampled"] for c in checks)
-    log(f"\ntotal {time.time() - t_start:.0f} s; CUDA-graph tokens == plain-path tokens: {'yes' if ok else 'NO'}")
+    same = all(c["greedy"] and c["sampled"] for c in checks if "greedy" in c)
+    fused_ok = all(c["fused_ok"] for c in checks if "fused_ok" in c)
+    ok = same and fused_ok
+    log(f"\ntotal {time.time() - t_start:.0f} s; CUDA-graph tokens == plain-path tokens: {'yes' if same else 'NO'}; "
+        f"fused step == modules' steps in fp32: {'yes' if fused_ok else 'NO'}")
     table(rows)
     if os.environ.get("OUT"):
         out = Path(os.environ["OUT"])

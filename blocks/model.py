@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks import MIXERS, build_mixer
+from blocks.kernels import use_triton
 from blocks.mlp import MLP
 from blocks.moe import MoE, MoEConfig
 from blocks.moe_decode import moe_step
@@ -193,7 +194,12 @@ class LM(nn.Module):
         """One decoding step: logits (B, V) for the next token, advancing every mixer's state.
 
         Free of host synchronisation for the built-in mixers and MoE (no .item(), no data-dependent
-        shapes), so experiments.cuda_graphs can capture it whole in a CUDA graph."""
+        shapes), so experiments.cuda_graphs can capture it whole in a CUDA graph. On CUDA the Mamba and
+        MoE blocks run fused decoding kernels (blocks.fused_step); the modules' steps are their reference."""
+        if use_triton(idx_B):
+            from blocks.fused_step import fused_step  # imports Triton, which only Linux installs
+
+            return fused_step(self, idx_B, cache)
         residual = self.embedding(idx_B).float()
         for block, c in zip(self.layers, cache):
             residual = block.step(residual, c) if isinstance(block, MixerBlock) else block.step(residual)

@@ -8,7 +8,8 @@ per sequence, is bound by reading weights, and must be capturable in a CUDA grap
   kernels of MoE.forward (their grid is a fixed bound, nothing is read back), elsewhere by gathering each
   slot's expert weights and one bmm per projection;
 - otherwise: every expert runs on every token and the gate weights, zero for experts a token did not
-  choose, combine them: each expert's weights are read once, and no shape depends on the routing.
+  choose, scale the GLU outputs before one down projection over all experts' features: each expert's
+  weights are read once, and no shape depends on the routing.
 
 Shapes: T tokens, D width, E experts, K slots per token, S = T*K slots, F expert hidden width.
 """
@@ -23,13 +24,15 @@ from blocks.mlp import glu_activation
 from blocks.moe import MoE
 
 
-def moe_step(moe: MoE, x_TD: Tensor) -> Tensor:
+def moe_step(moe: MoE, x_TD: Tensor, logits_TE: Tensor | None = None) -> Tensor:
     """moe's output (T, D) for x_TD: forward's function (dropless, the router's current rule), combined in
-    fp32 and returned in x's dtype. No utilization counter is updated."""
+    fp32 and returned in x's dtype. No utilization counter is updated. logits_TE: the router logits when the
+    caller has formed them already (blocks.fused_step), else they are computed here in fp32."""
     T, D = x_TD.shape
     E = moe.num_experts
-    with torch.autocast(device_type=x_TD.device.type, enabled=False):
-        logits_TE = F.linear(x_TD.float(), moe.gate.weight.float(), moe.gate.bias.float())
+    if logits_TE is None:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), moe.gate.weight.float(), moe.gate.bias.float())
     routing = moe.router(logits_TE)
     ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.float()
     if routing.mask_TK is not None:  # an empty slot (expert-choice in training) contributes nothing
@@ -49,9 +52,12 @@ def moe_step(moe: MoE, x_TD: Tensor) -> Tensor:
         y_SD = torch.bmm(act(torch.bmm(x_S1D, w_in[ids_S])), w_out[ids_S])[:, 0]
         y_TD = (y_SD.float().view(T, K, D) * weights_TK[..., None]).sum(1)
     else:
-        y_ETD = torch.bmm(act(torch.bmm(x_TD.expand(E, T, D), w_in)), w_out)
-        gate_TE = torch.zeros(T, E, device=x_TD.device).scatter_add_(1, ids_TK, weights_TK)
-        y_TD = torch.einsum("te,etd->td", gate_TE, y_ETD.float())
+        # the gate weights (zero where a token did not choose the expert) scale the GLU outputs, so that all
+        # experts' down projections and their weighted sum are one matmul over the E*F concatenated features
+        a_ETF = act(torch.bmm(x_TD.expand(E, T, D), w_in))
+        gate_ET = torch.zeros(T, E, device=x_TD.device).scatter_add_(1, ids_TK, weights_TK).T
+        a_TEF = (a_ETF * gate_ET[..., None]).to(a_ETF.dtype).transpose(0, 1)
+        y_TD = (a_TEF.reshape(T, -1) @ w_out.reshape(-1, D)).float()
     y_TD = y_TD.to(x_TD.dtype)
     if moe.shared is not None:
         y_TD = y_TD + moe.shared(x_TD)

@@ -148,6 +148,7 @@ class _CausalConv1d(torch.autograd.Function):
         return dx, dw.sum(0).to(w.dtype), None if db is None else db.sum(0).to(bias.dtype), None
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton autotuners: a graph break
 def causal_conv1d_triton(x_BCL: Tensor, weight_CK: Tensor, bias_C: Tensor | None = None, silu: bool = False) -> Tensor:
     """act(causal depthwise conv(x) + bias) as `blocks.conv.causal_conv1d` (then SiLU if silu), any K."""
     return _CausalConv1d.apply(x_BCL, weight_CK, bias_C, silu)

@@ -55,6 +55,7 @@ class _MoEExperts(torch.autograd.Function):
         return dx_TD, dweights, dw_in, dw_out, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton autotuners: a graph break
 def moe_experts_triton(
     x_TD: Tensor,
     expert_ids_TK: Tensor,

@@ -430,6 +430,7 @@ class _SelectiveScan(torch.autograd.Function):
         return du, ddelta, dA, dB.to(ctx.BC_dtype), dC.to(ctx.BC_dtype), dD, dz, dbias, None, dh0, None
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton autotuners: a graph break
 def selective_scan_triton(
     u: Tensor,
     delta: Tensor,

@@ -21,8 +21,9 @@ def _ssm_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, DIM,
     s_hb, s_hd, s_hn, s_xb, s_xd, s_tb, s_td, s_Ad, s_An, s_Bb, s_Bn, s_Cb, s_Cn, s_zb, s_zd, s_yb, s_yd,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, A_LOG: tl.constexpr,
 ):
+    """A_LOG: A_ptr holds A_log and A = -exp(A_log) is formed here (decoding reads the parameter as it is)."""
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, NP)
@@ -37,6 +38,8 @@ def _ssm_step_kernel(
     if SOFTPLUS:
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
     A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_ok, other=0.0).to(tl.float32)
+    if A_LOG:
+        A = -tl.exp(A)
     Bv = tl.load(B_ptr + b * s_Bb + n * s_Bn, mask=n_ok, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_Cb + n * s_Cn, mask=n_ok, other=0.0).to(tl.float32)
     h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv[None, :]
@@ -61,8 +64,10 @@ def selective_state_step_triton(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    A_is_log: bool = False,
 ) -> Tensor:
-    """Same arguments and result as `blocks.scan.selective_state_step`: state advanced in place, y (B, D) in x's dtype."""
+    """Same arguments and result as `blocks.scan.selective_state_step`: state advanced in place, y (B, D) in x's dtype.
+    A_is_log: A is A_log and the kernel forms A = -exp(A_log) (no launches for it in a decoding step)."""
     if state.dtype != torch.float32:
         raise ValueError(f"the SSM state must be fp32, got {state.dtype}")
     Bsz, DIM, N = state.shape
@@ -74,5 +79,6 @@ def selective_state_step_triton(
         *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *zs, *y.stride(),
         N=N, NP=triton.next_power_of_2(N), BLOCK_D=block_d,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        A_LOG=A_is_log,
     )
     return y

@@ -110,6 +110,7 @@ def _sinkhorn_select(
         tl.store(ids_ptr + t_T[:, None] * K + k_K[None, :], ids_TK.to(tl.int64), mask=mask_TK)
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton autotuners: a graph break
 def sinkhorn_topk(logits_TE: Tensor, k: int, temperature: float = 0.5, n_iters: int = 8) -> Tensor:
     """expert_ids_TK (T, k) int64: the k experts of each token under the Sinkhorn plan of logits_TE (T, E)
     fp32 on a CUDA device (or the CPU under TRITON_INTERPRET=1), best first, ties to the lower index;

@@ -178,6 +178,7 @@ class _TopKGate(torch.autograd.Function):
         return dlogits_TE, None, None, None, None, None
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton autotuners: a graph break
 def topk_gate(
     logits_TE: Tensor, k: int, gate: str = "softmax", renormalize: bool = True, with_counts: bool = False,
     bias_E: Tensor | None = None,

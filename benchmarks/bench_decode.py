@@ -1,0 +1,142 @@
+"""The decoding kernels of blocks/kernels/decode.py one by one, over their tile settings, at the 1.5B preset's shapes.
+
+    python benchmarks/bench_decode.py [--batches 1,64]
+
+For every kernel and setting (blocks.kernels.decode.TILES): the result against the PyTorch twin on fresh
+random bf16 inputs (relative max error, must be below 2e-2), then the time of one launch inside a CUDA graph
+(triton.testing.do_bench_cudagraph: what a captured decoding step pays, launch gaps included), next to the
+time its weight bytes take at the H200's 4.8 TB/s. Prints a table per kernel, fastest first, and the best
+setting of each as a TILES entry; writes bench_decode.log under $OUT when it is set. GPU only.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from blocks.kernels import decode  # noqa: E402
+
+D, E, K, F, NE = 1152, 2304, 4, 3072, 8  # d_model, d_inner, conv width, expert width, experts
+BW = 4.8e12
+LINES: list[str] = []
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+    LINES.append(msg)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
+
+
+def cases(rows: int):
+    """kernel name -> (run(): the launch, check(): rel error against the twin, weight bytes)."""
+    g = torch.Generator("cuda").manual_seed(0)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16()
+
+    res = torch.randn(rows, D, device="cuda", generator=g)
+    nw, w_in, conv_w, conv_b = rn(D), rn(2 * E, D, scale=0.03), rn(E, K, scale=0.5), rn(E)
+    state = rn(rows, E, K)
+    w_out, y = rn(D, E, scale=0.03), rn(rows, E)
+    gate_w, gate_b = rn(NE, D, scale=0.03), rn(NE)
+    h = rn(rows, D)
+    w1, w2 = rn(NE, D, 2 * F, scale=0.03), rn(NE, F, D, scale=0.03)
+    ids = torch.randint(0, NE, (rows, 1), device="cuda", generator=g)
+    weights = torch.rand(rows, 1, device="cuda", generator=g)
+    a = rn(rows, F)
+
+    def check_in():
+        s1, s2 = state.clone(), state.clone()
+        got = decode.norm_in_proj_conv(res, nw, 1e-5, w_in, s1, conv_w, conv_b)
+        ref = decode.norm_in_proj_conv_ref(res, nw, 1e-5, w_in, s2, conv_w, conv_b)
+        return max(rel(got[0], ref[0]), rel(got[1], ref[1]), rel(s1, s2))
+
+    def check_out():
+        return rel(decode.linear_residual_(res.clone(), y, w_out), res + y.float() @ w_out.float().T)
+
+    def check_gate():
+        got, ref = decode.norm_gate(res, nw, 1e-5, gate_w, gate_b), decode.norm_gate_ref(res, nw, 1e-5, gate_w, gate_b)
+        return max(rel(got[0], ref[0]), rel(got[1], ref[1]))
+
+    def check_up():
+        return rel(decode.expert_glu_up(h, ids, w1, "swiglu"), decode.expert_glu_up_ref(h, ids, w1, "swiglu"))
+
+    def check_down():
+        got = decode.expert_down_residual_(res.clone(), a, ids, weights, w2)
+        return rel(got, decode.expert_down_residual_ref_(res.clone(), a, ids, weights, w2))
+
+    out = {
+        "in_proj": (lambda: decode.norm_in_proj_conv(res, nw, 1e-5, w_in, state, conv_w, conv_b), check_in, 2 * E * D * 2),
+        "out_proj": (lambda: decode.linear_residual_(res, y, w_out), check_out, D * E * 2),
+    }
+    if rows == 1:  # the gate and routed-expert kernels run at batch 1 only (more slots than experts: dense)
+        out["gate"] = (lambda: decode.norm_gate(res, nw, 1e-5, gate_w, gate_b), check_gate, NE * D * 2)
+        out["expert_up"] = (lambda: decode.expert_glu_up(h, ids, w1, "swiglu"), check_up, 2 * F * D * 2)
+        out["expert_down"] = (lambda: decode.expert_down_residual_(res, a, ids, weights, w2), check_down, F * D * 2)
+    return out
+
+
+SWEEP_ROW = {
+    "in_proj": itertools.product((4, 8, 16), (256, 512, 1024), (4, 8)),
+    "out_proj": itertools.product((8, 16), (512, 1024, 2048), (4, 8)),
+    "gate": itertools.product((0,), (256, 512, 1024, 2048), (2, 4, 8)),
+    "expert_up": itertools.product((16, 32), (256, 512, 1024), (4, 8)),
+    "expert_down": itertools.product((16, 32), (512, 1024, 2048), (4, 8)),
+}
+SWEEP_DOT = {
+    "in_proj": [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 128, 4, 4), (32, 256, 8, 2)],
+    "out_proj": [(16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3)],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,64")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_decode.py needs a CUDA GPU")
+    log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    best = {}
+    for rows in map(int, args.batches.split(",")):
+        path = "row" if decode._block_m(rows) == 1 else "dot"
+        sweep = SWEEP_ROW if path == "row" else SWEEP_DOT
+        for name, (run, check, nbytes) in cases(rows).items():
+            if name not in sweep:
+                continue
+            default = decode.TILES[name][path]
+            results = []
+            for cfg in sweep[name]:
+                decode.TILES[name][path] = tuple(cfg)
+                try:
+                    err = check()
+                    us = 1e3 * triton.testing.do_bench_cudagraph(run, rep=50)
+                    results.append((us, cfg, err))
+                except Exception as exc:  # noqa: BLE001  (a setting out of registers or shared memory)
+                    log(f"  {name} {cfg}: failed: {type(exc).__name__}: {str(exc)[:120]}")
+            decode.TILES[name][path] = default
+            log(f"\n## {name}, batch {rows} ({path} path): weight bytes {nbytes / 1e6:.1f} MB = "
+                f"{nbytes / BW * 1e6:.1f} us at 4.8 TB/s; current setting {default}")
+            log("| setting | us | rel err vs twin |\n|---|---:|---:|")
+            for us, cfg, err in sorted(results):
+                flag = "" if err < 2e-2 else " WRONG"
+                log(f"| {cfg}{' (current)' if tuple(cfg) == tuple(default) else ''} | {us:.2f} | {err:.1e}{flag} |")
+            ok = [r for r in sorted(results) if r[2] < 2e-2]
+            if ok:
+                best.setdefault(name, {})[path] = tuple(ok[0][1])
+    log("\nbest settings: " + repr(best))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench_decode.log").write_text("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""LM.step on CUDA: the one-token step with the decoding kernels of blocks/kernels/decode.py.
+
+A batch-1 step of the 1.5B preset through the modules' own `step`s runs ~575 kernels for 0.16 ms worth of
+weight reads; launches, dtype casts and one-token grouped GEMMs take the time. Here each block's step is a
+few fused launches that update the fp32 residual stream in place:
+
+  Mamba block   norm + in_proj + conv -> x_proj, dt_proj (cuBLAS) -> SSM update + gate -> out_proj into the residual
+  MoE block     norm + router logits -> the router's rule -> expert up + GLU -> expert down into the residual
+                (fewer slots than experts, batch 1: only the routed experts are read); otherwise the experts
+                of blocks.moe_decode run on the normed input from the same first kernel
+
+Any other block (attention, mamba2, dense MLP, a plug-in) takes its own `step`. The function is the same as
+the modules' steps (`pytorch_reference()` runs those), up to where values are rounded: the normed input is
+formed from the fp32 residual directly, and dt, the conv and the expert sums stay in fp32 between ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from blocks.kernels.decode import expert_down_residual_, expert_glu_up, linear_residual_, norm_gate, norm_in_proj_conv
+from blocks.kernels.ssm_step import selective_state_step_triton
+from blocks.mamba import Mamba, MambaCache
+from blocks.moe import MoE
+from blocks.moe_decode import moe_step
+
+
+def _eps(norm: nn.RMSNorm, dtype: torch.dtype) -> float:
+    return norm.eps if norm.eps is not None else torch.finfo(dtype).eps
+
+
+def _fusable_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.RMSNorm) and norm.weight is not None
+
+
+def fusable_mamba(block) -> bool:
+    m = block.mixer
+    return (
+        isinstance(m, Mamba) and m.backend != "torch" and _fusable_norm(block.norm)
+        and m.in_proj.bias is None and m.out_proj.bias is None
+    )
+
+
+def fusable_moe(block) -> bool:
+    return isinstance(block.mlp, MoE) and _fusable_norm(block.norm)
+
+
+def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
+    """res += mixer(RMSNorm(res)) for one token, advancing the cache."""
+    m: Mamba = block.mixer
+    x_BE, z_BE = norm_in_proj_conv(
+        res_BD, block.norm.weight, _eps(block.norm, res_BD.dtype), m.in_proj.weight,
+        cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
+    )
+    R, N = m.dt_rank, m.d_state
+    dbc = F.linear(x_BE, m.x_proj.weight)  # (B, R + 2N): low-rank dt, B, C
+    dt_BE = F.linear(dbc[:, :R], m.dt_proj.weight)  # its bias and softplus are applied in the SSM kernel
+    y_BE = selective_state_step_triton(
+        cache.ssm_state, x_BE, dt_BE, m.A_log, dbc[:, R:R + N], dbc[:, R + N:], D=m.D, z=z_BE,
+        dt_bias=m.dt_proj.bias, dt_softplus=True, A_is_log=True,
+    )
+    linear_residual_(res_BD, y_BE, m.out_proj.weight)
+
+
+def moe_step_(block, res_TD: Tensor) -> None:
+    """res += moe(RMSNorm(res)) for one token per row (the router in its current mode, as moe_step)."""
+    moe: MoE = block.mlp
+    h_TD, logits_TE = norm_gate(res_TD, block.norm.weight, _eps(block.norm, res_TD.dtype), moe.gate.weight, moe.gate.bias)
+    T, K = res_TD.shape[0], moe.top_k
+    if T * K < moe.num_experts and moe.shared is None:
+        routing = moe.router(logits_TE)
+        weights_TK = routing.weights_TK.float()
+        if routing.mask_TK is not None:
+            weights_TK = weights_TK * routing.mask_TK
+        a_SF = expert_glu_up(h_TD, routing.expert_ids_TK, moe.w_in, moe.cfg.activation)
+        expert_down_residual_(res_TD, a_SF, routing.expert_ids_TK, weights_TK, moe.w_out)
+    else:
+        res_TD += moe_step(moe, h_TD, logits_TE).float()
+
+
+def fused_step(model, idx_B: Tensor, cache: list) -> Tensor:
+    """Logits (B, V) of the next token, as LM.step, advancing the cache; see the module docstring."""
+    from blocks.model import MixerBlock  # the model module imports this one
+
+    res_BD = model.embedding(idx_B).float()
+    for block, c in zip(model.layers, cache):
+        if isinstance(block, MixerBlock):
+            if fusable_mamba(block):
+                mamba_step_(block, res_BD, c)
+            else:
+                res_BD = block.step(res_BD, c)
+        elif fusable_moe(block):
+            moe_step_(block, res_BD)
+        else:
+            res_BD = block.step(res_BD)
+    return model.head(res_BD)

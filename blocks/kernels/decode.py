@@ -1,0 +1,344 @@
+"""Triton kernels of the one-token decoding step, fused across module boundaries (used by blocks/fused_step.py).
+
+At batch 1 a decoding step is bound by kernel count, not by bytes: each small op costs a launch of a few
+microseconds whatever it reads. These kernels fold the steps of one block that run back to back:
+
+  norm_in_proj_conv      RMSNorm(residual) -> in_proj -> (x: conv state shift, depthwise conv, SiLU; z)
+  linear_residual_       residual += x @ W^T                       (out_proj, in place on the fp32 residual)
+  norm_gate              h = RMSNorm(residual) in the weights' dtype, router logits = h W_g^T + b_g in fp32
+  expert_glu_up          a_s = glu(h_t @ w_in[e_s])                 one row per routed slot s
+  expert_down_residual_  residual_t += sum_k g_tk a_tk @ w_out[e_tk]
+
+Their PyTorch twins are the modules' own steps (blocks.model.MixerBlock.step, MLPBlock.step): the reference
+functions at the end of this file spell out the same math with torch ops, and the tests compare the two.
+Shapes: M rows (the batch), D model width, E d_inner (Mamba) or experts (MoE), K conv width, S slots, F expert width.
+
+A projection tile is [BLOCK_M rows, BLOCK_N outputs] over BLOCK_K inputs: tl.dot when BLOCK_M >= 16, else
+(batch 1) a broadcast multiply and row sum over an unrolled loop, so that all of a program's loads are in
+flight together (a one-token step waits on load latency far more than on bandwidth). The reduction sizes are
+compile-time constants for that reason; a model has one or two of them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from blocks.kernels import interpreting
+from blocks.kernels.glu import glu_gate
+
+
+def _block_m(rows: int) -> int:
+    return 1 if rows == 1 else min(64, max(16, triton.next_power_of_2(rows)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 weights are multiplied in fp32 (Triton's default for fp32 dots is TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# (BLOCK_N, BLOCK_K, num_warps) per kernel: "row" at batch 1, "dot" from 16 rows (also num_stages), measured
+# on an H200 at the 1.5B preset's shapes with benchmarks/bench_decode.py (which sets these to sweep them).
+# For the expert kernels BLOCK_N is the output block (F for expert_up, D for expert_down) and BLOCK_K the
+# reduction block; norm_gate uses only BLOCK_K and num_warps.
+TILES = {
+    "in_proj": {"row": (8, 512, 4), "dot": (32, 64, 4, 3)},
+    "out_proj": {"row": (8, 1024, 4), "dot": (16, 128, 4, 3)},
+    "gate": {"row": (0, 512, 4)},
+    "expert_up": {"row": (16, 512, 8)},
+    "expert_down": {"row": (16, 1024, 8)},
+}
+
+
+def _tiles(rows: int, kernel: str) -> dict:
+    """BLOCK_M/N/K and the launch settings: at one row the reduction loop is unrolled (its loads all in
+    flight at once: a one-token step is bound by load latency, not bandwidth); from 16 rows tl.dot tiles
+    with a pipelined loop. Under the interpreter: tiny blocks, no launch settings."""
+    bm = _block_m(rows)
+    if interpreting():
+        return dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=16)
+    if bm == 1:
+        bn, bk, warps = TILES[kernel]["row"]
+        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    bn, bk, warps, stages = TILES[kernel]["dot"]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+@triton.jit
+def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
+                    Dm: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(x * nw) @ W^T over the Dm inputs (x the rows at res_ptr; nw = 1 without NORM), and each row's
+    sum of squares of x: one pass, so RMSNorm's 1/rms scales the result afterwards (it is one number a row)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if BLOCK_M == 1:  # unrolled, fp32 products
+        for k0 in tl.static_range(0, Dm, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < Dm
+            x = tl.load(res_ptr + m[:, None] * s_rm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = x.to(tl.float32)
+            w = tl.load(w_ptr + n[:, None] * s_wn + kk[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                ss += tl.sum(x * x, 1)
+                x = x * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.sum(w.to(tl.float32) * x, 1)[None, :]
+    else:  # tl.dot on the weights' dtype
+        for k0 in range(0, Dm, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < Dm
+            x = tl.load(res_ptr + m[:, None] * s_rm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            x = x.to(tl.float32)
+            w = tl.load(w_ptr + n[:, None] * s_wn + kk[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                ss += tl.sum(x * x, 1)
+                x = x * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PREC)
+    return acc, ss
+
+
+@triton.jit
+def _norm_in_conv_kernel(
+    res_ptr, nw_ptr, w_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, z_ptr, M, E, eps,
+    s_rm, s_wn, s_wk, s_csb, s_csc, s_csk, s_cwc, s_cwk, s_xm, s_zm,
+    Dm: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < M, n < 2 * E
+    acc, ss = _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
+                              Dm, True, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc *= (1.0 / tl.sqrt(ss / Dm + eps))[:, None]
+    # x half (n < E): shift x into the conv state and convolve; z half: stored for the SSM's gate
+    is_x = n < E
+    ok = m_ok[:, None] & (is_x & n_ok)[None, :]
+    x_new = acc.to(cs_ptr.dtype.element_ty)  # what the state keeps, as prefill keeps it
+    y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_CB:
+        y += tl.load(cb_ptr + n, mask=is_x, other=0.0).to(tl.float32)[None, :]
+    state = cs_ptr + m[:, None] * s_csb + n[None, :] * s_csc
+    for k in tl.static_range(KC):
+        if k < KC - 1:
+            v = tl.load(state + (k + 1) * s_csk, mask=ok, other=0.0)
+        else:
+            v = x_new
+        tl.store(state + k * s_csk, v, mask=ok)
+        y += v.to(tl.float32) * tl.load(cw_ptr + n * s_cwc + k * s_cwk, mask=is_x, other=0.0).to(tl.float32)[None, :]
+    y = y * tl.sigmoid(y)
+    tl.store(xc_ptr + m[:, None] * s_xm + n[None, :], y.to(xc_ptr.dtype.element_ty), mask=ok)
+    z_ok = m_ok[:, None] & (~is_x & n_ok)[None, :]
+    tl.store(z_ptr + m[:, None] * s_zm + (n - E)[None, :], acc.to(z_ptr.dtype.element_ty), mask=z_ok)
+
+
+def norm_in_proj_conv(
+    res_MD: Tensor, norm_w: Tensor, eps: float, w_in: Tensor, conv_state: Tensor, conv_w: Tensor, conv_b: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(x, z), each (M, E) in w_in's dtype: x = SiLU(conv step of in_proj(RMSNorm(res))[:, :E]) with the state
+    (M, E, K) shifted in place, z = in_proj(...)[:, E:]. res is the fp32 residual (M, D); w_in (2E, D)."""
+    M, Dm = res_MD.shape
+    E = w_in.shape[0] // 2
+    x = torch.empty(M, E, device=res_MD.device, dtype=w_in.dtype)
+    z = torch.empty_like(x)
+    tiles = _tiles(M, "in_proj")
+    grid = (triton.cdiv(2 * E, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]))
+    _norm_in_conv_kernel[grid](
+        res_MD, norm_w, w_in, conv_state, conv_w, conv_b, x, z, M, E, eps,
+        res_MD.stride(0), *w_in.stride(), *conv_state.stride(), *conv_w.stride(), x.stride(0), z.stride(0),
+        Dm=Dm, KC=conv_w.shape[1], HAS_CB=conv_b is not None, PREC=_dot_precision(w_in.dtype), **tiles,
+    )
+    return x, z
+
+
+@triton.jit
+def _linear_residual_kernel(
+    x_ptr, w_ptr, res_ptr, M, N, s_xm, s_wn, s_wk, s_rm,
+    Kd: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = m < M, n < N
+    acc, _ = _row_normed_dot(x_ptr, x_ptr, w_ptr, m, m_ok, n, n_ok, s_xm, s_wn, s_wk,
+                             Kd, False, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    ptrs = res_ptr + m[:, None] * s_rm + n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
+
+
+def linear_residual_(res_MN: Tensor, x_MK: Tensor, w_NK: Tensor) -> Tensor:
+    """res += x @ w^T in place (res fp32 (M, N), w an nn.Linear weight (N, K) without bias); returns res."""
+    M, Kd = x_MK.shape
+    N = w_NK.shape[0]
+    tiles = _tiles(M, "out_proj")
+    _linear_residual_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]))](
+        x_MK, w_NK, res_MN, M, N, x_MK.stride(0), *w_NK.stride(), res_MN.stride(0),
+        Kd=Kd, PREC=_dot_precision(w_NK.dtype), **tiles,
+    )
+    return res_MN
+
+
+@triton.jit
+def _norm_gate_kernel(
+    res_ptr, nw_ptr, g_ptr, gb_ptr, h_ptr, logit_ptr, NE, eps, s_rm, s_gn, s_gk, s_hm, s_lm,
+    Dm: tl.constexpr, HAS_GB: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program per row: writes its normed h and its router logits, fp32 products of the rounded h (what
+    the module's fp32 gate sees). Two unrolled passes: the sum of squares, then h and the logits."""
+    m = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < NE
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, Dm, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        r = tl.load(res_ptr + m * s_rm + kk, mask=kk < Dm, other=0.0)
+        ss += r * r
+    rstd = 1.0 / tl.sqrt(tl.sum(ss, 0) / Dm + eps)
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for k0 in tl.static_range(0, Dm, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < Dm
+        r = tl.load(res_ptr + m * s_rm + kk, mask=k_ok, other=0.0)
+        nw = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        h = (r * rstd * nw).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + m * s_hm + kk, h, mask=k_ok)
+        g = tl.load(g_ptr + e[:, None] * s_gn + kk[None, :] * s_gk, mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(g.to(tl.float32) * h.to(tl.float32)[None, :], 1)
+    if HAS_GB:
+        acc += tl.load(gb_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    tl.store(logit_ptr + m * s_lm + e, acc, mask=e_ok)
+
+
+def norm_gate(res_MD: Tensor, norm_w: Tensor, eps: float, gate_w: Tensor, gate_b: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(h (M, D) in norm_w's dtype, logits (M, E) fp32): h = RMSNorm(res), logits = h gate_w^T + gate_b."""
+    M, Dm = res_MD.shape
+    NE = gate_w.shape[0]
+    h = torch.empty(M, Dm, device=res_MD.device, dtype=norm_w.dtype)
+    logits = torch.empty(M, NE, device=res_MD.device, dtype=torch.float32)
+    tiles = _tiles(1, "gate")
+    _norm_gate_kernel[(M,)](
+        res_MD, norm_w, gate_w, gate_b, h, logits, NE, eps,
+        res_MD.stride(0), *gate_w.stride(), h.stride(0), logits.stride(0),
+        Dm=Dm, HAS_GB=gate_b is not None, BLOCK_E=triton.next_power_of_2(NE), BLOCK_K=tiles["BLOCK_K"],
+        **({"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}),
+    )
+    return h, logits
+
+
+@triton.jit
+def _expert_up_kernel(
+    h_ptr, ids_ptr, w_ptr, a_ptr, F, K, s_hm, s_we, s_wd, s_wf, s_am,
+    Dm: tl.constexpr, GEGLU: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_f, s = tl.program_id(0), tl.program_id(1)
+    t = s // K
+    ex = tl.load(ids_ptr + s).to(tl.int64)
+    f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = f < F
+    w_ptr += ex * s_we
+    acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for k0 in tl.static_range(0, Dm, BLOCK_K):  # unrolled: every load of the program in flight at once
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < Dm
+        x = tl.load(h_ptr + t * s_hm + kk, mask=k_ok, other=0.0).to(tl.float32)
+        ok = k_ok[:, None] & f_ok[None, :]
+        wg = tl.load(w_ptr + kk[:, None] * s_wd + f[None, :] * s_wf, mask=ok, other=0.0)
+        wu = tl.load(w_ptr + kk[:, None] * s_wd + (F + f)[None, :] * s_wf, mask=ok, other=0.0)
+        acc_g += tl.sum(wg.to(tl.float32) * x[:, None], 0)
+        acc_u += tl.sum(wu.to(tl.float32) * x[:, None], 0)
+    a = glu_gate(acc_g, GEGLU) * acc_u
+    tl.store(a_ptr + s * s_am + f, a.to(a_ptr.dtype.element_ty), mask=f_ok)
+
+
+def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -> Tensor:
+    """a (T*K, F): glu(h_t @ w_in[e]) for each slot (t, k) of expert e = ids[t, k]; w_in (E, D, 2F), gate half first."""
+    T, Dm = h_TD.shape
+    K = ids_TK.shape[1]
+    F2 = w_in.shape[2]
+    a = torch.empty(T * K, F2 // 2, device=h_TD.device, dtype=w_in.dtype)
+    tiles = _tiles(1, "expert_up")
+    ids = ids_TK.reshape(-1).contiguous()
+    _expert_up_kernel[(triton.cdiv(F2 // 2, tiles["BLOCK_N"]), T * K)](
+        h_TD, ids, w_in, a, F2 // 2, K, h_TD.stride(0), *w_in.stride(), a.stride(0),
+        Dm=Dm, GEGLU=activation == "geglu", BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
+        **({"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}),
+    )
+    return a
+
+
+@triton.jit
+def _expert_down_kernel(
+    a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
+    F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    pid_n, t = tl.program_id(0), tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < Dm
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(K):  # the token's slots in order: the sum is deterministic
+        s = t * K + j
+        ex = tl.load(ids_ptr + s).to(tl.int64)
+        part = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for f0 in tl.static_range(0, F, BLOCK_F):
+            ff = f0 + tl.arange(0, BLOCK_F)
+            f_ok = ff < F
+            a = tl.load(a_ptr + s * s_am + ff, mask=f_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + ex * s_we + ff[:, None] * s_wf + n[None, :] * s_wd,
+                        mask=f_ok[:, None] & n_ok[None, :], other=0.0)
+            part += tl.sum(w.to(tl.float32) * a[:, None], 0)
+        acc += tl.load(g_ptr + s).to(tl.float32) * part
+    ptrs = res_ptr + t * s_rm + n
+    tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + acc, mask=n_ok)
+
+
+def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_out: Tensor) -> Tensor:
+    """res_t += sum_k weights[t, k] * a_{tk} @ w_out[ids[t, k]] in place (fp32); w_out (E, F, D). Returns res."""
+    T, K = ids_TK.shape
+    F, Dm = w_out.shape[1:]
+    tiles = _tiles(1, "expert_down")
+    _expert_down_kernel[(triton.cdiv(Dm, tiles["BLOCK_N"]), T)](
+        a_SF, ids_TK.reshape(-1).contiguous(), weights_TK.float().reshape(-1).contiguous(), w_out, res_TD,
+        Dm, K, a_SF.stride(0), *w_out.stride(), res_TD.stride(0), F=F, BLOCK_N=tiles["BLOCK_N"],
+        BLOCK_F=tiles["BLOCK_K"], **({"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}),
+    )
+    return res_TD
+
+
+# ---- PyTorch twins: the same math with torch ops, what the kernels are tested against ----
+
+def rms_norm_ref(res_MD: Tensor, norm_w: Tensor, eps: float) -> Tensor:
+    """RMSNorm of the fp32 residual, rounded to the weights' dtype."""
+    return (res_MD * torch.rsqrt(res_MD.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()).to(norm_w.dtype)
+
+
+def norm_in_proj_conv_ref(res_MD, norm_w, eps, w_in, conv_state, conv_w, conv_b):
+    xz = F.linear(rms_norm_ref(res_MD, norm_w, eps), w_in).float()
+    E = w_in.shape[0] // 2
+    conv_state.copy_(torch.cat([conv_state[..., 1:], xz[:, :E, None].to(conv_state.dtype)], dim=-1))
+    y = (conv_state.float() * conv_w.float()).sum(-1)
+    if conv_b is not None:
+        y = y + conv_b.float()
+    return F.silu(y).to(w_in.dtype), xz[:, E:].to(w_in.dtype)
+
+
+def norm_gate_ref(res_MD, norm_w, eps, gate_w, gate_b):
+    h = rms_norm_ref(res_MD, norm_w, eps)
+    return h, F.linear(h.float(), gate_w.float(), None if gate_b is None else gate_b.float())
+
+
+def expert_glu_up_ref(h_TD, ids_TK, w_in, activation):
+    from blocks.mlp import glu_activation
+
+    K = ids_TK.shape[1]
+    x_S1D = h_TD.float().repeat_interleave(K, dim=0)[:, None]
+    return glu_activation(activation)(torch.bmm(x_S1D, w_in[ids_TK.reshape(-1)].float())[:, 0]).to(w_in.dtype)
+
+
+def expert_down_residual_ref_(res_TD, a_SF, ids_TK, weights_TK, w_out):
+    T, K = ids_TK.shape
+    y_SD = torch.bmm(a_SF.float()[:, None], w_out[ids_TK.reshape(-1)].float())[:, 0]
+    return res_TD.add_((y_SD.view(T, K, -1) * weights_TK.float()[..., None]).sum(1))

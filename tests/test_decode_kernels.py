@@ -1,0 +1,138 @@
+"""The fused decoding step (blocks/kernels/decode.py, blocks/fused_step.py) against its PyTorch twins, on the CPU
+through Triton's interpreter: fp32, fresh random inputs, sizes that are not multiples of the blocks, batch 1
+(the row-sum path) and batches over 16 (the tl.dot path); then the whole LM.step against the modules' steps."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from blocks.attention import AttentionConfig
+from blocks.kernels import force_triton
+from blocks.kernels.decode import (
+    expert_down_residual_,
+    expert_down_residual_ref_,
+    expert_glu_up,
+    expert_glu_up_ref,
+    linear_residual_,
+    norm_gate,
+    norm_gate_ref,
+    norm_in_proj_conv,
+    norm_in_proj_conv_ref,
+)
+from blocks.kernels.ssm_step import selective_state_step_triton
+from blocks.mamba import MambaConfig
+from blocks.model import LM, ModelConfig
+from blocks.moe import MoEConfig
+from blocks.scan import selective_state_step
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_norm_in_proj_conv_matches_ref(rows, conv_bias):
+    D, E, K = 24, 10, 4  # 2E = 20 outputs in blocks of 16, D = 24 inputs in blocks of 16
+    res, norm_w, w_in = randn(rows, D, seed=1) * 3, randn(D, seed=2), randn(2 * E, D, seed=3) / 5
+    state = randn(rows, E, K, seed=4)
+    conv_w, conv_b = randn(E, K, seed=5), randn(E, seed=6) if conv_bias else None
+    state_ref = state.clone()
+    x_ref, z_ref = norm_in_proj_conv_ref(res, norm_w, 1e-5, w_in, state_ref, conv_w, conv_b)
+    x, z = norm_in_proj_conv(res, norm_w, 1e-5, w_in, state, conv_w, conv_b)
+    torch.testing.assert_close(x, x_ref, **TOL)
+    torch.testing.assert_close(z, z_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+def test_linear_residual_matches_ref(rows):
+    res, x, w = randn(rows, 20, seed=7), randn(rows, 40, seed=8), randn(20, 40, seed=9)
+    expected = res + x @ w.T
+    out = linear_residual_(res, x, w)
+    assert out is res
+    torch.testing.assert_close(res, expected, **TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+@pytest.mark.parametrize("experts", [5, 8])
+def test_norm_gate_matches_ref(rows, experts):
+    res, norm_w = randn(rows, 24, seed=10) * 2, randn(24, seed=11)
+    gate_w, gate_b = randn(experts, 24, seed=12), randn(experts, seed=13)
+    h_ref, logits_ref = norm_gate_ref(res, norm_w, 1e-5, gate_w, gate_b)
+    h, logits = norm_gate(res, norm_w, 1e-5, gate_w, gate_b)
+    torch.testing.assert_close(h, h_ref, **TOL)
+    torch.testing.assert_close(logits, logits_ref, **TOL)
+
+
+@pytest.mark.parametrize("tokens,k", [(1, 1), (1, 2), (3, 2)])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_expert_projections_match_ref(tokens, k, activation):
+    E, D, F = 4, 24, 20
+    h, w_in, w_out = randn(tokens, D, seed=14), randn(E, D, 2 * F, seed=15) / 4, randn(E, F, D, seed=16) / 4
+    ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(17 + t))[:k] for t in range(tokens)])
+    weights = torch.rand(tokens, k, generator=torch.Generator().manual_seed(18))
+    a_ref = expert_glu_up_ref(h, ids, w_in, activation)
+    a = expert_glu_up(h, ids, w_in, activation)
+    torch.testing.assert_close(a, a_ref, **TOL)
+    res = randn(tokens, D, seed=19)
+    expected = expert_down_residual_ref_(res.clone(), a_ref, ids, weights, w_out)
+    torch.testing.assert_close(expert_down_residual_(res, a, ids, weights, w_out), expected, **TOL)
+
+
+def test_state_step_with_log_A_matches_ref():
+    Bsz, Dim, N = 2, 5, 3
+    x, z, dt = randn(Bsz, Dim, seed=20), randn(Bsz, Dim, seed=21), randn(Bsz, Dim, seed=22)
+    A_log = randn(Dim, N, seed=24) / 2
+    B, C, D, bias = randn(Bsz, N, seed=25), randn(Bsz, N, seed=26), randn(Dim, seed=27), randn(Dim, seed=28)
+    state = randn(Bsz, Dim, N, seed=29)
+    state_ref = state.clone()
+    y_ref = selective_state_step(state_ref, x, dt, -torch.exp(A_log), B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    y = selective_state_step_triton(state, x, dt, A_log, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True, A_is_log=True)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)
+
+
+def tiny_lm(router: str, top_k: int = 1, pattern=None, shared: int = 0) -> LM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, d_model=24, n_layers=4, ffn_dim=20, pattern=pattern, final_norm="rmsnorm")
+    moe = MoEConfig(num_experts=4, top_k=top_k, router=router, shared_ffn_dim=shared)
+    model = LM(cfg, "mamba", MambaConfig(d_state=3), moe, attention_cfg=AttentionConfig(n_heads=4)).eval()
+    with torch.no_grad():  # non-trivial values everywhere the kernels read
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize(
+    "router,top_k,batch,pattern,shared",
+    [
+        ("sinkhorn", 1, 1, None, 0),  # the routed-expert kernels
+        ("topk", 2, 1, None, 0),  # two slots per token, summed in slot order
+        ("sinkhorn", 1, 5, None, 0),  # more slots than experts: every expert on the normed input
+        ("expert_choice", 1, 2, None, 0),
+        ("top1", 1, 1, ["mamba", "moe", "attention", "mlp"], 0),  # attention and a dense MLP take their own steps
+        ("top1", 1, 1, None, 8),  # a shared expert
+    ],
+)
+def test_fused_lm_step_matches_module_steps(router, top_k, batch, pattern, shared):
+    model = tiny_lm(router, top_k, pattern, shared)
+    prompt = torch.randint(0, 50, (batch, 5), generator=torch.Generator().manual_seed(1))
+    cache = model.allocate_cache(batch, 12)
+    with torch.no_grad():
+        model(prompt, cache)  # prefill on the reference path, then both paths step from the same state
+    cache_fused = copy.deepcopy(cache)
+    tokens = torch.randint(0, 50, (batch, 4), generator=torch.Generator().manual_seed(2))
+    for t in range(tokens.shape[1]):
+        expected = model.step(tokens[:, t], cache)
+        with force_triton():
+            got = model.step(tokens[:, t], cache_fused)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for c_ref, c in zip(cache, cache_fused):
+        if c is not None and hasattr(c, "ssm_state"):
+            torch.testing.assert_close(c.ssm_state, c_ref.ssm_state, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(c.conv_state, c_ref.conv_state, rtol=1e-4, atol=1e-4)
