@@ -5,7 +5,8 @@ weight reads; launches, dtype casts and one-token grouped GEMMs take the time. H
 few fused launches that update the fp32 residual stream in place:
 
   Mamba block   norm + in_proj + conv -> x_proj, dt_proj (cuBLAS) -> SSM update + gate -> out_proj into the residual
-  MoE block     norm + router logits -> the router's rule -> expert up + GLU -> expert down into the residual
+                (from batch 2 the module's norm and in_proj, then the conv-step kernel: cuBLAS is faster there)
+  MoE block     norm + router logits (+ a top-1 router's choice) -> expert up + GLU -> expert down into the residual
                 (fewer slots than experts, batch 1: only the routed experts are read); otherwise the experts
                 of blocks.moe_decode run on the normed input from the same first kernel
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.kernels.causal_conv1d import causal_conv1d_step_triton
 from blocks.kernels.decode import expert_down_residual_, expert_glu_up, linear_residual_, norm_gate, norm_in_proj_conv
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaCache
@@ -49,10 +51,14 @@ def fusable_moe(block) -> bool:
 def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     """res += mixer(RMSNorm(res)) for one token, advancing the cache."""
     m: Mamba = block.mixer
-    x_BE, z_BE = norm_in_proj_conv(
-        res_BD, block.norm.weight, _eps(block.norm, res_BD.dtype), m.in_proj.weight,
-        cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
-    )
+    if res_BD.shape[0] == 1:
+        x_BE, z_BE = norm_in_proj_conv(
+            res_BD, block.norm.weight, _eps(block.norm, res_BD.dtype), m.in_proj.weight,
+            cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
+        )
+    else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
+        x_BE, z_BE = m.in_proj(block.norm(res_BD.to(block.norm.weight.dtype))).chunk(2, dim=-1)
+        x_BE = causal_conv1d_step_triton(x_BE, cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, silu=True)
     R, N = m.dt_rank, m.d_state
     dbc = F.linear(x_BE, m.x_proj.weight)  # (B, R + 2N): low-rank dt, B, C
     dt_BE = F.linear(dbc[:, :R], m.dt_proj.weight)  # its bias and softplus are applied in the SSM kernel
@@ -66,17 +72,23 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
 def moe_step_(block, res_TD: Tensor) -> None:
     """res += moe(RMSNorm(res)) for one token per row (the router in its current mode, as moe_step)."""
     moe: MoE = block.mlp
-    h_TD, logits_TE = norm_gate(res_TD, block.norm.weight, _eps(block.norm, res_TD.dtype), moe.gate.weight, moe.gate.bias)
     T, K = res_TD.shape[0], moe.top_k
-    if T * K < moe.num_experts and moe.shared is None:
+    routed = T * K < moe.num_experts and moe.shared is None  # read only the chosen experts
+    gate = moe.router.eval_gate() if routed and K == 1 and not moe.router.training else None
+    out = norm_gate(res_TD, block.norm.weight, _eps(block.norm, res_TD.dtype), moe.gate.weight, moe.gate.bias, gate)
+    h_TD, logits_TE = out[:2]
+    if not routed:
+        res_TD += moe_step(moe, h_TD, logits_TE).float()
+        return
+    if gate is not None:  # the router's top-1 rule, applied inside the kernel
+        ids_TK, weights_TK = out[2:]
+    else:
         routing = moe.router(logits_TE)
-        weights_TK = routing.weights_TK.float()
+        ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.float()
         if routing.mask_TK is not None:
             weights_TK = weights_TK * routing.mask_TK
-        a_SF = expert_glu_up(h_TD, routing.expert_ids_TK, moe.w_in, moe.cfg.activation)
-        expert_down_residual_(res_TD, a_SF, routing.expert_ids_TK, weights_TK, moe.w_out)
-    else:
-        res_TD += moe_step(moe, h_TD, logits_TE).float()
+    a_SF = expert_glu_up(h_TD, ids_TK, moe.w_in, moe.cfg.activation)
+    expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, moe.w_out)
 
 
 def fused_step(model, idx_B: Tensor, cache: list) -> Tensor:

@@ -57,6 +57,12 @@ class Router(nn.Module, ABC):
     def forward(self, logits_TE: Tensor) -> Routing:
         return self.route(logits_TE)
 
+    def eval_gate(self) -> str | None:
+        """The eval-mode rule when it is "each token's top-k logits, weighted by g": g's name, "sigmoid"
+        (sigmoid of the chosen logit) or "softmax" (the chosen expert's softmax probability over all experts);
+        None for any other rule (the default). Lets a decoding kernel route a token itself, without route()."""
+        return None
+
     def end_step(self) -> None:
         """Called once per optimizer step in training, after all of the step's forward passes (`LM.end_step`).
         Rules that carry state from one step to the next (a selection bias, last step's load) update it

@@ -63,6 +63,9 @@ class ExpertChoiceRouter(Router):
             stacklevel=2,
         )
 
+    def eval_gate(self) -> str:
+        return "softmax"  # eval: each token's top-k of the softmax
+
     def route(self, logits_TE: Tensor) -> Routing:
         logits_TE = logits_TE.float()
         probs_TE = torch.softmax(logits_TE, dim=-1)

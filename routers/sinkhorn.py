@@ -106,6 +106,9 @@ class SinkhornRouter(Router):
         super().__init__(num_experts, top_k)
         self.cfg = cfg if cfg is not None else SinkhornConfig()
 
+    def eval_gate(self) -> str:
+        return "sigmoid"
+
     def route(self, logits_TE: Tensor) -> Routing:
         logits_TE = logits_TE.float()
         all_ranks = self.cfg.balance_scope == "global_batch" and _distributed()

@@ -122,6 +122,13 @@ class TopKRouter(Router):
         else:
             self.load = None
 
+    def eval_gate(self) -> str | None:
+        """The gate over the top-k logits (either gate is monotone in the logit), unless a selection bias
+        (aux-free balancing) picks the experts; renormalisation never applies to one slot."""
+        if self.load is not None or (self.cfg.renormalize and self.top_k > 1):
+            return None
+        return self.cfg.gate
+
     def route(self, logits_TE: Tensor) -> Routing:
         logits_TE = logits_TE.float()
         if use_triton(logits_TE):

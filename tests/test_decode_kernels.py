@@ -69,6 +69,28 @@ def test_norm_gate_matches_ref(rows, experts):
     torch.testing.assert_close(logits, logits_ref, **TOL)
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+def test_norm_gate_top1_matches_ref(gate):
+    res, norm_w = randn(3, 24, seed=30), randn(24, seed=31)
+    gate_w, gate_b = randn(5, 24, seed=32), randn(5, seed=33)
+    expected = norm_gate_ref(res, norm_w, 1e-5, gate_w, gate_b, gate)
+    got = norm_gate(res, norm_w, 1e-5, gate_w, gate_b, gate)
+    torch.testing.assert_close(got[2], expected[2], rtol=0, atol=0)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+def test_routers_declare_their_eval_gate():
+    from routers import build_router
+
+    assert build_router("sinkhorn", 4, 1).eval_gate() == "sigmoid"
+    assert build_router("top1", 4, 1).eval_gate() == "softmax"
+    assert build_router("top1", 4, 1, {"gate": "sigmoid"}).eval_gate() == "sigmoid"
+    assert build_router("expert_choice", 4, 1).eval_gate() == "softmax"
+    aux_free = build_router("topk", 4, 1, AUX_FREE)
+    assert aux_free.eval_gate() is None  # a selection bias picks the experts
+
+
 @pytest.mark.parametrize("tokens,k", [(1, 1), (1, 2), (3, 2)])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 def test_expert_projections_match_ref(tokens, k, activation):
@@ -97,14 +119,21 @@ def test_state_step_with_log_A_matches_ref():
     torch.testing.assert_close(state, state_ref, **TOL)
 
 
+AUX_FREE = {"gate": "sigmoid", "aux_loss_coef": 0.0, "bias_update_rate": 1e-3}
+
+
 def tiny_lm(router: str, top_k: int = 1, pattern=None, shared: int = 0) -> LM:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, d_model=24, n_layers=4, ffn_dim=20, pattern=pattern, final_norm="rmsnorm")
-    moe = MoEConfig(num_experts=4, top_k=top_k, router=router, shared_ffn_dim=shared)
+    router_cfg = AUX_FREE if router == "topk" and top_k == 1 else None
+    moe = MoEConfig(num_experts=4, top_k=top_k, router=router, shared_ffn_dim=shared, router_cfg=router_cfg)
     model = LM(cfg, "mamba", MambaConfig(d_state=3), moe, attention_cfg=AttentionConfig(n_heads=4)).eval()
     with torch.no_grad():  # non-trivial values everywhere the kernels read
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for m in model.modules():  # a selection bias (rate x steps) large enough to change choices
+            if getattr(m, "load", None) is not None:
+                m.load.bias_steps.copy_(torch.randint(-300, 300, m.load.bias_steps.shape))
     return model
 
 
@@ -117,6 +146,7 @@ def tiny_lm(router: str, top_k: int = 1, pattern=None, shared: int = 0) -> LM:
         ("expert_choice", 1, 2, None, 0),
         ("top1", 1, 1, ["mamba", "moe", "attention", "mlp"], 0),  # attention and a dense MLP take their own steps
         ("top1", 1, 1, None, 8),  # a shared expert
+        ("topk", 1, 1, None, 0),  # aux-free balancing: the router's own rule (its bias), not the kernel's
     ],
 )
 def test_fused_lm_step_matches_module_steps(router, top_k, batch, pattern, shared):

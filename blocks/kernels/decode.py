@@ -6,6 +6,7 @@ microseconds whatever it reads. These kernels fold the steps of one block that r
   norm_in_proj_conv      RMSNorm(residual) -> in_proj -> (x: conv state shift, depthwise conv, SiLU; z)
   linear_residual_       residual += x @ W^T                       (out_proj, in place on the fp32 residual)
   norm_gate              h = RMSNorm(residual) in the weights' dtype, router logits = h W_g^T + b_g in fp32
+                         (and for a top-1 router with a sigmoid or softmax gate, its choice and weight)
   expert_glu_up          a_s = glu(h_t @ w_in[e_s])                 one row per routed slot s
   expert_down_residual_  residual_t += sum_k g_tk a_tk @ w_out[e_tk]
 
@@ -45,12 +46,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # reduction block; norm_gate uses only BLOCK_K and num_warps.
 TILES = {
     "in_proj": {"row": (8, 512, 4), "dot": (32, 64, 4, 3)},
-    "out_proj": {"row": (8, 1024, 4), "dot": (16, 128, 4, 3)},
-    "gate": {"row": (0, 512, 4)},
-    "expert_up": {"row": (16, 512, 8)},
-    "expert_down": {"row": (16, 1024, 8)},
+    "out_proj": {"row": (8, 1024, 8), "dot": (16, 256, 4, 3)},
+    "gate": {"row": (0, 2048, 8)},
+    "expert_up": {"row": (32, 1024, 8)},
+    "expert_down": {"row": (16, 2048, 4)},
 }
-
 
 def _tiles(rows: int, kernel: str) -> dict:
     """BLOCK_M/N/K and the launch settings: at one row the reduction loop is unrolled (its loads all in
@@ -183,11 +183,13 @@ def linear_residual_(res_MN: Tensor, x_MK: Tensor, w_NK: Tensor) -> Tensor:
 
 @triton.jit
 def _norm_gate_kernel(
-    res_ptr, nw_ptr, g_ptr, gb_ptr, h_ptr, logit_ptr, NE, eps, s_rm, s_gn, s_gk, s_hm, s_lm,
-    Dm: tl.constexpr, HAS_GB: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    res_ptr, nw_ptr, g_ptr, gb_ptr, h_ptr, logit_ptr, ids_ptr, wt_ptr, NE, eps, s_rm, s_gn, s_gk, s_hm, s_lm,
+    Dm: tl.constexpr, HAS_GB: tl.constexpr, ROUTE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per row: writes its normed h and its router logits, fp32 products of the rounded h (what
-    the module's fp32 gate sees). Two unrolled passes: the sum of squares, then h and the logits."""
+    the module's fp32 gate sees). Two unrolled passes: the sum of squares, then h and the logits.
+    ROUTE 1 or 2: also the top-1 expert and its gate weight, sigmoid of its logit (1) or its softmax
+    probability over all experts (2)."""
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < NE
@@ -210,22 +212,41 @@ def _norm_gate_kernel(
     if HAS_GB:
         acc += tl.load(gb_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     tl.store(logit_ptr + m * s_lm + e, acc, mask=e_ok)
+    if ROUTE > 0:
+        logits = tl.where(e_ok, acc, float("-inf"))
+        best = tl.max(logits, 0)
+        if ROUTE == 1:
+            weight = tl.sigmoid(best)
+        else:
+            weight = 1.0 / tl.sum(tl.exp(logits - best), 0)
+        tl.store(ids_ptr + m, tl.argmax(logits, 0).to(tl.int64))
+        tl.store(wt_ptr + m, weight)
 
 
-def norm_gate(res_MD: Tensor, norm_w: Tensor, eps: float, gate_w: Tensor, gate_b: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(h (M, D) in norm_w's dtype, logits (M, E) fp32): h = RMSNorm(res), logits = h gate_w^T + gate_b."""
+ROUTES = {"sigmoid": 1, "softmax": 2}  # the top-1 gates that norm_gate can apply (Router.eval_gate)
+
+
+def norm_gate(
+    res_MD: Tensor, norm_w: Tensor, eps: float, gate_w: Tensor, gate_b: Tensor | None, top1_gate: str | None = None
+) -> tuple[Tensor, ...]:
+    """(h (M, D) in norm_w's dtype, logits (M, E) fp32): h = RMSNorm(res), logits = h gate_w^T + gate_b.
+    top1_gate "sigmoid" or "softmax" (see ROUTES): also (expert ids (M, 1) int64, gate weights (M, 1) fp32)
+    of the top-1 rule with that gate."""
     M, Dm = res_MD.shape
     NE = gate_w.shape[0]
     h = torch.empty(M, Dm, device=res_MD.device, dtype=norm_w.dtype)
     logits = torch.empty(M, NE, device=res_MD.device, dtype=torch.float32)
+    route = 0 if top1_gate is None else ROUTES[top1_gate]
+    ids = torch.empty(M, 1, device=res_MD.device, dtype=torch.int64) if route else None
+    weights = torch.empty(M, 1, device=res_MD.device, dtype=torch.float32) if route else None
     tiles = _tiles(1, "gate")
     _norm_gate_kernel[(M,)](
-        res_MD, norm_w, gate_w, gate_b, h, logits, NE, eps,
+        res_MD, norm_w, gate_w, gate_b, h, logits, ids, weights, NE, eps,
         res_MD.stride(0), *gate_w.stride(), h.stride(0), logits.stride(0),
-        Dm=Dm, HAS_GB=gate_b is not None, BLOCK_E=triton.next_power_of_2(NE), BLOCK_K=tiles["BLOCK_K"],
+        Dm=Dm, HAS_GB=gate_b is not None, ROUTE=route, BLOCK_E=triton.next_power_of_2(NE), BLOCK_K=tiles["BLOCK_K"],
         **({"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}),
     )
-    return h, logits
+    return (h, logits) if not route else (h, logits, ids, weights)
 
 
 @triton.jit
@@ -325,9 +346,14 @@ def norm_in_proj_conv_ref(res_MD, norm_w, eps, w_in, conv_state, conv_w, conv_b)
     return F.silu(y).to(w_in.dtype), xz[:, E:].to(w_in.dtype)
 
 
-def norm_gate_ref(res_MD, norm_w, eps, gate_w, gate_b):
+def norm_gate_ref(res_MD, norm_w, eps, gate_w, gate_b, top1_gate=None):
     h = rms_norm_ref(res_MD, norm_w, eps)
-    return h, F.linear(h.float(), gate_w.float(), None if gate_b is None else gate_b.float())
+    logits = F.linear(h.float(), gate_w.float(), None if gate_b is None else gate_b.float())
+    if top1_gate is None:
+        return h, logits
+    scores = torch.sigmoid(logits) if top1_gate == "sigmoid" else torch.softmax(logits, dim=-1)
+    weights, ids = scores.max(dim=-1, keepdim=True)
+    return h, logits, ids, weights
 
 
 def expert_glu_up_ref(h_TD, ids_TK, w_in, activation):
