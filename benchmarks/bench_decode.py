@@ -1,12 +1,13 @@
 """The decoding kernels of blocks/kernels/decode.py one by one, over their tile settings, at the 1.5B preset's shapes.
 
-    python benchmarks/bench_decode.py [--batches 1,64]
+    python benchmarks/bench_decode.py [--batches 1,64] [--only in_proj,expert_up]
 
 For every kernel and setting (blocks.kernels.decode.TILES): the result against the PyTorch twin on fresh
 random bf16 inputs (relative max error, must be below 2e-2), then the time of one launch inside a CUDA graph
 (triton.testing.do_bench_cudagraph: what a captured decoding step pays, launch gaps included), next to the
 time its weight bytes take at the H200's 4.8 TB/s. Prints a table per kernel, fastest first, and the best
-setting of each as a TILES entry; writes bench_decode.log under $OUT when it is set. GPU only.
+setting of each as a TILES entry (main() returns them); writes bench_decode.log under $OUT when it is set.
+GPU only.
 """
 from __future__ import annotations
 
@@ -54,16 +55,6 @@ def cases(rows: int):
     ids = torch.randint(0, NE, (rows, 1), device="cuda", generator=g)
     weights = torch.rand(rows, 1, device="cuda", generator=g)
     a = rn(rows, F)
-    R, N = 72, 16
-    x, z, wx, wdt = rn(rows, E), rn(rows, E), rn(R + 2 * N, E, scale=0.03), rn(E, R, scale=0.1)
-    dt_bias, A_log, Dskip = rn(E), rn(E, N), rn(E)
-    ssm_state = torch.randn(rows, E, N, device="cuda", generator=g)
-
-    def check_ssm():
-        s1, s2 = ssm_state.clone(), ssm_state.clone()
-        got = decode.xproj_ssm_step(s1, x, z, wx, wdt, dt_bias, A_log, Dskip)
-        ref = decode.xproj_ssm_step_ref(s2, x, z, wx, wdt, dt_bias, A_log, Dskip)
-        return max(rel(got, ref), rel(s1, s2))
 
     def check_in():
         s1, s2 = state.clone(), state.clone()
@@ -93,28 +84,7 @@ def cases(rows: int):
         out["gate"] = (lambda: decode.norm_gate(res, nw, 1e-5, gate_w, gate_b), check_gate, NE * D * 2)
         out["expert_up"] = (lambda: decode.expert_glu_up(h, ids, w1, "swiglu"), check_up, 2 * F * D * 2)
         out["expert_down"] = (lambda: decode.expert_down_residual_(res, a, ids, weights, w2), check_down, F * D * 2)
-        out["ssm"] = (lambda: decode.xproj_ssm_step(ssm_state, x, z, wx, wdt, dt_bias, A_log, Dskip), check_ssm,
-                      (R + 2 * N) * E * 2 + E * R * 2 + 2 * E * N * 4)
     return out
-
-
-def unfused_ssm_us() -> float:
-    """x_proj and dt_proj on cuBLAS around the SSM-step kernel: what the fused ssm kernel replaces, batch 1."""
-    from blocks.kernels.ssm_step import selective_state_step_triton
-
-    R, N = 72, 16
-    x, z = torch.randn(1, E, device="cuda").bfloat16(), torch.randn(1, E, device="cuda").bfloat16()
-    wx, wdt = torch.randn(R + 2 * N, E, device="cuda").bfloat16(), torch.randn(E, R, device="cuda").bfloat16()
-    bias, A_log, Dskip = (torch.randn(*s, device="cuda").bfloat16() for s in ((E,), (E, N), (E,)))
-    state = torch.randn(1, E, N, device="cuda")
-
-    def run():
-        dbc = torch.nn.functional.linear(x, wx)
-        dt = torch.nn.functional.linear(dbc[:, :R], wdt)
-        selective_state_step_triton(state, x, dt, A_log, dbc[:, R:R + N], dbc[:, R + N:], D=Dskip, z=z,
-                                    dt_bias=bias, dt_softplus=True, A_is_log=True)
-
-    return 1e3 * triton.testing.do_bench_cudagraph(run, rep=50)
 
 
 SWEEP_ROW = {
@@ -123,7 +93,6 @@ SWEEP_ROW = {
     "gate": itertools.product((0,), (256, 512, 1024, 2048), (2, 4, 8)),
     "expert_up": itertools.product((16, 32), (256, 512, 1024), (4, 8)),
     "expert_down": itertools.product((16, 32), (512, 1024, 2048), (4, 8)),
-    "ssm": itertools.product((32, 64, 128), (32, 64, 128), (4, 8)),
 }
 SWEEP_DOT = {
     "in_proj": [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 128, 4, 4), (32, 256, 8, 2)],
@@ -131,10 +100,11 @@ SWEEP_DOT = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,64")
-    args = ap.parse_args()
+    ap.add_argument("--only", default=None, help="comma-separated kernels (default: all)")
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: bench_decode.py needs a CUDA GPU")
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -143,7 +113,7 @@ def main() -> None:
         path = "row" if decode._block_m(rows) == 1 else "dot"
         sweep = SWEEP_ROW if path == "row" else SWEEP_DOT
         for name, (run, check, nbytes) in cases(rows).items():
-            if name not in sweep:
+            if name not in sweep or (args.only and name not in args.only.split(",")):
                 continue
             default = decode.TILES[name][path]
             results = []
@@ -165,11 +135,10 @@ def main() -> None:
             ok = [r for r in sorted(results) if r[2] < 2e-2]
             if ok:
                 best.setdefault(name, {})[path] = tuple(ok[0][1])
-    if "1" in args.batches.split(","):
-        log(f"\nunfused x_proj + dt_proj (cuBLAS) + SSM-step kernel, batch 1: {unfused_ssm_us():.2f} us")
     log("\nbest settings: " + repr(best))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_decode.log").write_text("\n".join(LINES) + "\n")
+    return best
 
 
 if __name__ == "__main__":

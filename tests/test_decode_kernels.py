@@ -20,8 +20,6 @@ from blocks.kernels.decode import (
     norm_gate_ref,
     norm_in_proj_conv,
     norm_in_proj_conv_ref,
-    xproj_ssm_step,
-    xproj_ssm_step_ref,
 )
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import MambaConfig
@@ -122,19 +120,6 @@ def test_state_step_with_log_A_matches_ref():
 
 
 AUX_FREE = {"gate": "sigmoid", "aux_loss_coef": 0.0, "bias_update_rate": 1e-3}
-
-
-@pytest.mark.parametrize("rows", [1, 2])
-def test_xproj_ssm_step_matches_ref(rows):
-    E, N, R = 37, 3, 5  # 37 channels in blocks of 4, x_proj's 37 inputs in blocks of 16
-    x, z = randn(rows, E, seed=40), randn(rows, E, seed=41)
-    wx, wdt = randn(R + 2 * N, E, seed=42) / 4, randn(E, R, seed=43) / 2
-    bias, A_log, D = randn(E, seed=44), randn(E, N, seed=45) / 2, randn(E, seed=46)
-    state = randn(rows, E, N, seed=47)
-    state_ref = state.clone()
-    expected = xproj_ssm_step_ref(state_ref, x, z, wx, wdt, bias, A_log, D)
-    torch.testing.assert_close(xproj_ssm_step(state, x, z, wx, wdt, bias, A_log, D), expected, **TOL)
-    torch.testing.assert_close(state, state_ref, **TOL)
 
 
 def tiny_lm(router: str, top_k: int = 1, pattern=None, shared: int = 0) -> LM:

@@ -4,7 +4,6 @@ At batch 1 a decoding step is bound by kernel count, not by bytes: each small op
 microseconds whatever it reads. These kernels fold the steps of one block that run back to back:
 
   norm_in_proj_conv      RMSNorm(residual) -> in_proj -> (x: conv state shift, depthwise conv, SiLU; z)
-  xproj_ssm_step         x_proj -> dt_proj -> softplus -> SSM state update -> y = (C.h + D x) silu(z)
   linear_residual_       residual += x @ W^T                       (out_proj, in place on the fp32 residual)
   norm_gate              h = RMSNorm(residual) in the weights' dtype, router logits = h W_g^T + b_g in fp32
                          (and for a top-1 router with a sigmoid or softmax gate, its choice and weight)
@@ -51,7 +50,6 @@ TILES = {
     "gate": {"row": (0, 2048, 8)},
     "expert_up": {"row": (32, 1024, 8)},
     "expert_down": {"row": (16, 2048, 4)},
-    "ssm": {"row": (64, 64, 8)},  # (BLOCK_D channels, BLOCK_K of x_proj's reduction, num_warps)
 }
 
 def _tiles(rows: int, kernel: str) -> dict:
@@ -331,71 +329,6 @@ def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_
     return res_TD
 
 
-@triton.jit
-def _xproj_ssm_kernel(
-    state_ptr, x_ptr, z_ptr, wx_ptr, wdt_ptr, bias_ptr, alog_ptr, dskip_ptr, y_ptr, R,
-    s_hb, s_hd, s_hn, s_xm, s_zm, s_wxj, s_wxe, s_wdd, s_wdr, s_ad, s_an, s_ym,
-    E: tl.constexpr, N: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """One program per (BLOCK_D channels, row): the row's x_proj (low-rank dt, B, C: every program forms them
-    all, reading x_proj's weights from L2, which is cheaper than two more launches), its channels' dt_proj,
-    softplus(dt + bias), then the SSM update and y = (C . h + D x) * silu(z) as _ssm_step_kernel."""
-    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    r, n = tl.arange(0, RP), tl.arange(0, NP)
-    r_ok, n_ok = r < R, n < N
-    lo = tl.zeros([RP], dtype=tl.float32)
-    Bv = tl.zeros([NP], dtype=tl.float32)
-    Cv = tl.zeros([NP], dtype=tl.float32)
-    for k0 in tl.static_range(0, E, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < E
-        xv = tl.load(x_ptr + b * s_xm + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(wx_ptr + r[:, None] * s_wxj + kk[None, :] * s_wxe, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        lo += tl.sum(w.to(tl.float32) * xv, 1)
-        nk_ok = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(wx_ptr + (R + n)[:, None] * s_wxj + kk[None, :] * s_wxe, mask=nk_ok, other=0.0)
-        Bv += tl.sum(w.to(tl.float32) * xv, 1)
-        w = tl.load(wx_ptr + (R + N + n)[:, None] * s_wxj + kk[None, :] * s_wxe, mask=nk_ok, other=0.0)
-        Cv += tl.sum(w.to(tl.float32) * xv, 1)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < E
-    wdt = tl.load(wdt_ptr + d[:, None] * s_wdd + r[None, :] * s_wdr, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-    dt = tl.sum(wdt.to(tl.float32) * lo[None, :], 1) + tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
-    dn_ok = d_ok[:, None] & n_ok[None, :]
-    A = -tl.exp(tl.load(alog_ptr + d[:, None] * s_ad + n[None, :] * s_an, mask=dn_ok, other=0.0).to(tl.float32))
-    h_ptrs = state_ptr + b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
-    x = tl.load(x_ptr + b * s_xm + d, mask=d_ok, other=0.0).to(tl.float32)
-    h = tl.exp(dt[:, None] * A) * tl.load(h_ptrs, mask=dn_ok, other=0.0) + (dt * x)[:, None] * Bv[None, :]
-    tl.store(h_ptrs, h, mask=dn_ok)
-    y = tl.sum(h * Cv[None, :], 1) + x * tl.load(dskip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + b * s_zm + d, mask=d_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * s_ym + d, (y * z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty), mask=d_ok)
-
-
-def xproj_ssm_step(
-    state: Tensor, x_ME: Tensor, z_ME: Tensor, x_proj_w: Tensor, dt_proj_w: Tensor, dt_bias: Tensor,
-    A_log: Tensor, D: Tensor,
-) -> Tensor:
-    """y (M, E) in x's dtype, the state (M, E, N) fp32 advanced in place: Mamba's x_proj -> (dt_low, B, C),
-    dt = softplus(dt_low @ dt_proj_w^T + dt_bias), A = -exp(A_log), h <- exp(dt A) h + dt x B,
-    y = (C . h + D x) * silu(z). x_proj_w (R + 2N, E), dt_proj_w (E, R)."""
-    M, E = x_ME.shape
-    N = state.shape[2]
-    R = dt_proj_w.shape[1]
-    y = torch.empty_like(x_ME)
-    bd, bk, warps = (4, 16, None) if interpreting() else TILES["ssm"]["row"]
-    _xproj_ssm_kernel[(triton.cdiv(E, bd), M)](
-        state, x_ME, z_ME, x_proj_w, dt_proj_w, dt_bias, A_log, D, y, R,
-        *state.stride(), x_ME.stride(0), z_ME.stride(0), *x_proj_w.stride(), *dt_proj_w.stride(),
-        *A_log.stride(), y.stride(0),
-        E=E, N=N, NP=triton.next_power_of_2(N), RP=triton.next_power_of_2(R), BLOCK_D=bd, BLOCK_K=bk,
-        **({} if warps is None else {"num_warps": warps}),
-    )
-    return y
-
-
 # ---- PyTorch twins: the same math with torch ops, what the kernels are tested against ----
 
 def rms_norm_ref(res_MD: Tensor, norm_w: Tensor, eps: float) -> Tensor:
@@ -429,18 +362,6 @@ def expert_glu_up_ref(h_TD, ids_TK, w_in, activation):
     K = ids_TK.shape[1]
     x_S1D = h_TD.float().repeat_interleave(K, dim=0)[:, None]
     return glu_activation(activation)(torch.bmm(x_S1D, w_in[ids_TK.reshape(-1)].float())[:, 0]).to(w_in.dtype)
-
-
-def xproj_ssm_step_ref(state, x_ME, z_ME, x_proj_w, dt_proj_w, dt_bias, A_log, D):
-    from blocks.scan import selective_state_step
-
-    R, N = dt_proj_w.shape[1], state.shape[2]
-    dbc = F.linear(x_ME.float(), x_proj_w.float())
-    dt = F.linear(dbc[:, :R], dt_proj_w.float())
-    return selective_state_step(
-        state, x_ME, dt, -torch.exp(A_log.float()), dbc[:, R:R + N], dbc[:, R + N:], D=D.float(), z=z_ME,
-        dt_bias=dt_bias.float(), dt_softplus=True,
-    )
 
 
 def expert_down_residual_ref_(res_TD, a_SF, ids_TK, weights_TK, w_out):
