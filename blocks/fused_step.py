@@ -82,7 +82,7 @@ def moe_step_(block, res_TD: Tensor) -> None:
     """res += moe(RMSNorm(res)) for one token per row (the router in its current mode, as moe_step)."""
     moe: MoE = block.mlp
     T, K = res_TD.shape[0], moe.top_k
-    routed = T * K < moe.num_experts and moe.shared is None  # read only the chosen experts
+    routed = T * K < moe.num_experts  # read only the chosen experts
     gate = moe.router.eval_gate() if routed and K == 1 and not moe.router.training else None
     out = norm_gate(res_TD, block.norm.weight, _eps(block.norm, res_TD.dtype), moe.gate.weight, moe.gate.bias, gate)
     h_TD, logits_TE = out[:2]
@@ -98,6 +98,8 @@ def moe_step_(block, res_TD: Tensor) -> None:
             weights_TK = weights_TK * routing.mask_TK
     a_SF = expert_glu_up(h_TD, ids_TK, moe.w_in, moe.cfg.activation)
     expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, moe.w_out)
+    if moe.shared is not None:  # the always-on shared expert: a dense MLP on the same normed input
+        res_TD += moe.shared(h_TD).float()
 
 
 def fused_step(model, idx_B: Tensor, cache: list) -> Tensor:

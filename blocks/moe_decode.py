@@ -4,9 +4,9 @@ MoE.forward groups tokens by expert (a sort, group sizes): right for thousands o
 kernels size nothing without the counts, and the PyTorch reference reads them back. Decoding has one token
 per sequence, is bound by reading weights, and must be capturable in a CUDA graph (LM.step), so here:
 
-- fewer slots than experts (batch 1): only the chosen experts are read: on CUDA by the grouped Triton
-  kernels of MoE.forward (their grid is a fixed bound, nothing is read back), elsewhere by gathering each
-  slot's expert weights and one bmm per projection;
+- fewer slots than experts (batch 1): only the chosen experts are read: on CUDA by the routed-expert
+  kernels of blocks/kernels/decode.py (one program per slot and output block, nothing is read back),
+  elsewhere by gathering each slot's expert weights and one bmm per projection;
 - otherwise: every expert runs on every token and the gate weights, zero for experts a token did not
   choose, scale the GLU outputs before one down projection over all experts' features: each expert's
   weights are read once, and no shape depends on the routing.
@@ -41,11 +41,12 @@ def moe_step(moe: MoE, x_TD: Tensor, logits_TE: Tensor | None = None) -> Tensor:
     w_in, w_out = moe.w_in.to(x_TD.dtype), moe.w_out.to(x_TD.dtype)
     K = ids_TK.shape[1]
     if T * K < E and use_triton(x_TD):
-        # the grouped kernels read the chosen experts' weights in place, where the gather below copies them
-        # first (25 us per copy at the 1.5B width on an H200); end to end, batch 1 gained about 2%
-        from blocks.kernels.moe import moe_experts_triton  # imports Triton, which only Linux installs
+        # the decoding kernels read the chosen experts' weights in place, where the gather below copies them
+        # first (25 us per copy at the 1.5B width on an H200)
+        from blocks.kernels.decode import expert_down_residual_, expert_glu_up  # Triton: Linux only
 
-        y_TD = moe_experts_triton(x_TD, ids_TK, weights_TK, None, w_in, w_out, moe.cfg.activation).float()
+        a_SF = expert_glu_up(x_TD, ids_TK, w_in, moe.cfg.activation)
+        y_TD = expert_down_residual_(x_TD.new_zeros(T, D, dtype=torch.float32), a_SF, ids_TK, weights_TK, w_out)
     elif T * K < E:
         ids_S = ids_TK.reshape(-1)
         x_S1D = x_TD[:, None].expand(T, K, D).reshape(T * K, 1, D)

@@ -102,7 +102,7 @@ def test_moe_decode_path_equals_forward(router, top_k, batch):
 
 
 def test_moe_decode_path_on_the_gpu_kernels_equals_forward():
-    # what CUDA runs below one slot per expert: the grouped Triton kernels (here through the interpreter)
+    # what CUDA runs below one slot per expert: the routed-expert decoding kernels (here through the interpreter)
     torch.manual_seed(0)
     moe = MoE(16, MoEConfig(num_experts=4, top_k=1, router="sinkhorn"), 16).eval()
     x = torch.randn(2, 16)
