@@ -196,7 +196,7 @@ class LM(nn.Module):
         Free of host synchronisation for the built-in mixers and MoE (no .item(), no data-dependent
         shapes), so experiments.cuda_graphs can capture it whole in a CUDA graph. On CUDA the Mamba and
         MoE blocks run fused decoding kernels (blocks.fused_step); the modules' steps are their reference."""
-        if use_triton(idx_B):
+        if use_triton(idx_B) and self.embedding.weight.dtype != torch.float64:  # the kernels compute in fp32
             from blocks.fused_step import fused_step  # imports Triton, which only Linux installs
 
             return fused_step(self, idx_B, cache)
