@@ -12,17 +12,25 @@ from blocks.model import LM
 
 
 def truncated_probs(logits_BV: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """softmax(logits / temperature) restricted to the top_k tokens and to the smallest top_p nucleus, fp32."""
+    """softmax(logits / temperature) restricted to the top_k tokens and, within those, to the smallest top_p
+    nucleus, fp32. With top_k the nucleus is found among the k sorted candidates only (no sort of the vocabulary)."""
     logits = logits_BV.float() / temperature
+    nucleus = top_p is not None and top_p < 1.0
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+        vals, idx = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)  # sorted, largest first
+        if nucleus:
+            vals = vals.masked_fill(_outside_nucleus(vals, top_p), float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, vals)
+    elif nucleus:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(_outside_nucleus(sorted_logits, top_p), float("-inf")))
     return logits.softmax(dim=-1)
+
+
+def _outside_nucleus(sorted_logits: Tensor, top_p: float) -> Tensor:
+    """For logits sorted largest first: True past the smallest prefix whose probability mass reaches top_p."""
+    probs = sorted_logits.softmax(dim=-1)
+    return probs.cumsum(dim=-1) - probs > top_p
 
 
 def draw_noise(noise_BV: Tensor, generator: torch.Generator | None = None) -> Tensor:

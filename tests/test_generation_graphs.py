@@ -185,3 +185,24 @@ def test_the_sync_guard_catches_syncs():
     ):
         with no_host_sync(), pytest.raises(HostSyncError):
             syncing()
+
+
+def test_truncated_probs_keeps_the_top_k_then_the_nucleus_within_them():
+    from experiments.decoding import truncated_probs
+
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    torch.testing.assert_close(truncated_probs(logits, 1.0, None, None), torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    # top-2: 0.4 and 0.3, renormalised
+    torch.testing.assert_close(truncated_probs(logits, 1.0, 2, None), torch.tensor([[0, 4 / 7, 0, 3 / 7, 0]]))
+    # nucleus 0.6: 0.4 alone is short of it, 0.4 + 0.3 reaches it
+    torch.testing.assert_close(truncated_probs(logits, 1.0, None, 0.6), torch.tensor([[0, 4 / 7, 0, 3 / 7, 0]]))
+    # top-4 (0.4, 0.3, 0.15, 0.1 -> 0.421, 0.316, 0.158, 0.105), then a 0.75 nucleus within them: the first two
+    # hold 0.737 of the mass, so the third is kept too (of the whole vocabulary they hold 0.7, short of 0.75)
+    got = truncated_probs(logits, 1.0, 4, 0.75)
+    torch.testing.assert_close(got, torch.tensor([[0, 0.4, 0, 0.3, 0.15]]) / 0.85)
+    # the top-k path equals masking the vocabulary and sorting all of it, on random logits
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 300, generator=g) * 3
+    kth = torch.topk(x, 40, dim=-1).values[:, -1:]
+    masked = x.masked_fill(x < kth, float("-inf"))
+    torch.testing.assert_close(truncated_probs(x, 0.7, 40, 0.8), truncated_probs(masked, 0.7, None, 0.8))
