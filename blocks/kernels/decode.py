@@ -52,6 +52,7 @@ TILES = {
     "expert_down": {"row": (16, 2048, 4)},
 }
 
+
 def _tiles(rows: int, kernel: str) -> dict:
     """BLOCK_M/N/K and the launch settings: at one row the reduction loop is unrolled (its loads all in
     flight at once: a one-token step is bound by load latency, not bandwidth); from 16 rows tl.dot tiles
@@ -67,6 +68,23 @@ def _tiles(rows: int, kernel: str) -> dict:
 
 
 @triton.jit
+def _load_block(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, k0, s_rm, s_wn, s_wk,
+                Dm: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inputs k0 .. k0 + BLOCK_K: x (BLOCK_M, BLOCK_K) fp32 (times nw, and its rows' sums of squares, with
+    NORM; zeros without) and the weight block (BLOCK_N, BLOCK_K)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    k_ok = kk < Dm
+    x = tl.load(res_ptr + m[:, None] * s_rm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + n[:, None] * s_wn + kk[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    if NORM:
+        ss = tl.sum(x * x, 1)
+        x = x * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        ss = tl.zeros([x.shape[0]], dtype=tl.float32)
+    return x, ss, w
+
+
+@triton.jit
 def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
                     Dm: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -76,25 +94,13 @@ def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     if BLOCK_M == 1:  # unrolled, fp32 products
         for k0 in tl.static_range(0, Dm, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < Dm
-            x = tl.load(res_ptr + m[:, None] * s_rm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            x = x.to(tl.float32)
-            w = tl.load(w_ptr + n[:, None] * s_wn + kk[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:
-                ss += tl.sum(x * x, 1)
-                x = x * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            x, ss_k, w = _load_block(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, k0, s_rm, s_wn, s_wk, Dm, NORM, BLOCK_K)
+            ss += ss_k
             acc += tl.sum(w.to(tl.float32) * x, 1)[None, :]
-    else:  # tl.dot on the weights' dtype
+    else:  # tl.dot on the weights' dtype, a pipelined loop
         for k0 in range(0, Dm, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < Dm
-            x = tl.load(res_ptr + m[:, None] * s_rm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            x = x.to(tl.float32)
-            w = tl.load(w_ptr + n[:, None] * s_wn + kk[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:
-                ss += tl.sum(x * x, 1)
-                x = x * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            x, ss_k, w = _load_block(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, k0, s_rm, s_wn, s_wk, Dm, NORM, BLOCK_K)
+            ss += ss_k
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PREC)
     return acc, ss
 
