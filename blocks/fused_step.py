@@ -22,17 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.kernels.causal_conv1d import causal_conv1d_step_triton
-from blocks.kernels.decode import (
-    expert_down_residual_,
-    expert_glu_up,
-    linear_residual_,
-    norm_gate,
-    norm_in_proj_conv,
-)
+from blocks.kernels.decode import linear_residual_, norm_gate, norm_in_proj_conv
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaCache
 from blocks.moe import MoE
-from blocks.moe_decode import moe_step
+from blocks.moe_decode import add_routed_experts_, moe_step, route
 
 
 def _eps(norm: nn.RMSNorm, dtype: torch.dtype) -> float:
@@ -89,15 +83,9 @@ def moe_step_(block, res_TD: Tensor) -> None:
     if not routed:
         res_TD += moe_step(moe, h_TD, logits_TE).float()
         return
-    if gate is not None:  # the router's top-1 rule, applied inside the kernel
-        ids_TK, weights_TK = out[2:]
-    else:
-        routing = moe.router(logits_TE)
-        ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.float()
-        if routing.mask_TK is not None:
-            weights_TK = weights_TK * routing.mask_TK
-    a_SF = expert_glu_up(h_TD, ids_TK, moe.w_in, moe.cfg.activation)
-    expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, moe.w_out)
+    # the router's top-1 rule was applied inside the kernel, or the router applies its own
+    ids_TK, weights_TK = out[2:] if gate is not None else route(moe, logits_TE)
+    add_routed_experts_(res_TD, moe, h_TD, ids_TK, weights_TK)
     if moe.shared is not None:  # the always-on shared expert: a dense MLP on the same normed input
         res_TD += moe.shared(h_TD).float()
 

@@ -24,6 +24,27 @@ from blocks.mlp import glu_activation
 from blocks.moe import MoE
 
 
+def route(moe: MoE, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+    """(expert ids (T, K), fp32 gate weights (T, K)) by the router's current rule; empty slots weigh 0."""
+    routing = moe.router(logits_TE)
+    weights_TK = routing.weights_TK.float()
+    if routing.mask_TK is not None:  # an empty slot (expert-choice in training) contributes nothing
+        weights_TK = weights_TK * routing.mask_TK
+    return routing.expert_ids_TK, weights_TK
+
+
+def add_routed_experts_(out_TD: Tensor, moe: MoE, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    """out += sum_k weights[t, k] * expert_{ids[t, k]}(x_t), fp32 out in place, through the decoding kernels
+    (CUDA, or Triton's interpreter), which read only the routed experts' weights. Returns out."""
+    from blocks.kernels.decode import (  # imports Triton: Linux only
+        expert_down_residual_,
+        expert_glu_up,
+    )
+
+    a_SF = expert_glu_up(x_TD, ids_TK, moe.w_in.to(x_TD.dtype), moe.cfg.activation)
+    return expert_down_residual_(out_TD, a_SF, ids_TK, weights_TK, moe.w_out.to(x_TD.dtype))
+
+
 def moe_step(moe: MoE, x_TD: Tensor, logits_TE: Tensor | None = None) -> Tensor:
     """moe's output (T, D) for x_TD: forward's function (dropless, the router's current rule), combined in
     fp32 and returned in x's dtype. No utilization counter is updated. logits_TE: the router logits when the
@@ -33,20 +54,14 @@ def moe_step(moe: MoE, x_TD: Tensor, logits_TE: Tensor | None = None) -> Tensor:
     if logits_TE is None:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), moe.gate.weight.float(), moe.gate.bias.float())
-    routing = moe.router(logits_TE)
-    ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK.float()
-    if routing.mask_TK is not None:  # an empty slot (expert-choice in training) contributes nothing
-        weights_TK = weights_TK * routing.mask_TK
+    ids_TK, weights_TK = route(moe, logits_TE)
     act = glu_activation(moe.cfg.activation)
     w_in, w_out = moe.w_in.to(x_TD.dtype), moe.w_out.to(x_TD.dtype)
     K = ids_TK.shape[1]
     if T * K < E and use_triton(x_TD):
         # the decoding kernels read the chosen experts' weights in place, where the gather below copies them
         # first (25 us per copy at the 1.5B width on an H200)
-        from blocks.kernels.decode import expert_down_residual_, expert_glu_up  # Triton: Linux only
-
-        a_SF = expert_glu_up(x_TD, ids_TK, w_in, moe.cfg.activation)
-        y_TD = expert_down_residual_(x_TD.new_zeros(T, D, dtype=torch.float32), a_SF, ids_TK, weights_TK, w_out)
+        y_TD = add_routed_experts_(x_TD.new_zeros(T, D, dtype=torch.float32), moe, x_TD, ids_TK, weights_TK)
     elif T * K < E:
         ids_S = ids_TK.reshape(-1)
         x_S1D = x_TD[:, None].expand(T, K, D).reshape(T * K, 1, D)
