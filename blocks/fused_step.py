@@ -29,8 +29,9 @@ from blocks.moe import MoE
 from blocks.moe_decode import add_routed_experts_, moe_step, route
 
 
-def _eps(norm: nn.RMSNorm, dtype: torch.dtype) -> float:
-    return norm.eps if norm.eps is not None else torch.finfo(dtype).eps
+def _eps(norm: nn.RMSNorm) -> float:
+    """The module's eps; None means that of its input's dtype, which the block casts to the weights' dtype."""
+    return norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
 
 
 def _fusable_norm(norm: nn.Module) -> bool:
@@ -54,7 +55,7 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     m: Mamba = block.mixer
     if res_BD.shape[0] == 1:
         x_BE, z_BE = norm_in_proj_conv(
-            res_BD, block.norm.weight, _eps(block.norm, res_BD.dtype), m.in_proj.weight,
+            res_BD, block.norm.weight, _eps(block.norm), m.in_proj.weight,
             cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
         )
     else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
@@ -78,7 +79,7 @@ def moe_step_(block, res_TD: Tensor) -> None:
     T, K = res_TD.shape[0], moe.top_k
     routed = T * K < moe.num_experts  # read only the chosen experts
     gate = moe.router.eval_gate() if routed and K == 1 and not moe.router.training else None
-    out = norm_gate(res_TD, block.norm.weight, _eps(block.norm, res_TD.dtype), moe.gate.weight, moe.gate.bias, gate)
+    out = norm_gate(res_TD, block.norm.weight, _eps(block.norm), moe.gate.weight, moe.gate.bias, gate)
     h_TD, logits_TE = out[:2]
     if not routed:
         res_TD += moe_step(moe, h_TD, logits_TE).float()

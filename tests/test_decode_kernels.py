@@ -166,3 +166,13 @@ def test_fused_lm_step_matches_module_steps(router, top_k, batch, pattern, share
         if c is not None and hasattr(c, "ssm_state"):
             torch.testing.assert_close(c.ssm_state, c_ref.ssm_state, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(c.conv_state, c_ref.conv_state, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_step_takes_the_norms_eps_as_the_module_does():
+    from torch import nn
+
+    from blocks.fused_step import _eps
+
+    assert _eps(nn.RMSNorm(4, eps=1e-5).bfloat16()) == 1e-5
+    # eps=None: the eps of the input's dtype, and the blocks cast their input to the weights' dtype
+    assert _eps(nn.RMSNorm(4, eps=None).bfloat16()) == torch.finfo(torch.bfloat16).eps
