@@ -29,6 +29,7 @@ from torch import Tensor
 
 from blocks.kernels import interpreting
 from blocks.kernels.glu import glu_gate
+from blocks.mlp import glu_activation
 
 
 def _block_m(rows: int) -> int:
@@ -65,6 +66,12 @@ def _tiles(rows: int, kernel: str) -> dict:
         return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     bn, bk, warps, stages = TILES[kernel]["dot"]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def _launch(tiles: dict) -> dict:
+    """The launch settings among _tiles' entries (none under the interpreter), for kernels that take their
+    block sizes under their own names."""
+    return {k: tiles[k] for k in ("num_warps", "num_stages") if k in tiles}
 
 
 @triton.jit
@@ -250,7 +257,7 @@ def norm_gate(
         res_MD, norm_w, gate_w, gate_b, h, logits, ids, weights, NE, eps,
         res_MD.stride(0), *gate_w.stride(), h.stride(0), logits.stride(0),
         Dm=Dm, HAS_GB=gate_b is not None, ROUTE=route, BLOCK_E=triton.next_power_of_2(NE), BLOCK_K=tiles["BLOCK_K"],
-        **({"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}),
+        **_launch(tiles),
     )
     return (h, logits) if not route else (h, logits, ids, weights)
 
@@ -292,7 +299,7 @@ def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -
     _expert_up_kernel[(triton.cdiv(F2 // 2, tiles["BLOCK_N"]), T * K)](
         h_TD, ids, w_in, a, F2 // 2, K, h_TD.stride(0), *w_in.stride(), a.stride(0),
         Dm=Dm, GEGLU=activation == "geglu", BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
-        **({"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}),
+        **_launch(tiles),
     )
     return a
 
@@ -330,7 +337,7 @@ def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_
     _expert_down_kernel[(triton.cdiv(Dm, tiles["BLOCK_N"]), T)](
         a_SF, ids_TK.reshape(-1).contiguous(), weights_TK.float().reshape(-1).contiguous(), w_out, res_TD,
         Dm, K, a_SF.stride(0), *w_out.stride(), res_TD.stride(0), F=F, BLOCK_N=tiles["BLOCK_N"],
-        BLOCK_F=tiles["BLOCK_K"], **({"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}),
+        BLOCK_F=tiles["BLOCK_K"], **_launch(tiles),
     )
     return res_TD
 
@@ -363,8 +370,6 @@ def norm_gate_ref(res_MD, norm_w, eps, gate_w, gate_b, top1_gate=None):
 
 
 def expert_glu_up_ref(h_TD, ids_TK, w_in, activation):
-    from blocks.mlp import glu_activation
-
     K = ids_TK.shape[1]
     x_S1D = h_TD.float().repeat_interleave(K, dim=0)[:, None]
     return glu_activation(activation)(torch.bmm(x_S1D, w_in[ids_TK.reshape(-1)].float())[:, 0]).to(w_in.dtype)
