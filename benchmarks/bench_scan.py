@@ -30,7 +30,7 @@ from triton.testing import do_bench as _do_bench  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from blocks.conv import causal_conv1d  # noqa: E402
 from blocks.kernels.causal_conv1d import causal_conv1d_triton  # noqa: E402
-from blocks.kernels.selective_scan import ScanTiles, default_tiles, selective_scan_triton  # noqa: E402
+from blocks.kernels.selective_scan import LAUNCHED, ScanTiles, default_tiles, selective_scan_triton  # noqa: E402
 from blocks.mamba import Mamba, MambaConfig  # noqa: E402
 from blocks.scan import selective_scan_chunked  # noqa: E402
 
@@ -91,13 +91,31 @@ def scan_inputs(Bsz, L, D, N, dtype=bf16, bias=False, seed=0):
     return ins
 
 
+def mixer_layout(ins: dict, R: int = 72) -> dict:
+    """The same values laid out as the mixer hands them to the scan: u, delta, z as (B, D, L) views of
+    (B, L, D) tensors (z a slice of in_proj's output), B and C as slices of x_proj's (B, L, R + 2N) output."""
+    Bsz, D, L = ins["u"].shape
+    N = ins["A"].shape[1]
+    out = dict(ins)
+    for k in ("u", "delta"):
+        out[k] = ins[k].transpose(1, 2).contiguous().transpose(1, 2)
+    xz = torch.empty(Bsz, L, 2 * D, device=dev, dtype=ins["z"].dtype)
+    xz[..., D:] = ins["z"].transpose(1, 2)
+    out["z"] = xz[..., D:].transpose(1, 2)
+    dbc = torch.zeros(Bsz, L, R + 2 * N, device=dev, dtype=ins["B"].dtype)
+    dbc[..., R:R + N], dbc[..., R + N:] = ins["B"].transpose(1, 2), ins["C"].transpose(1, 2)
+    out["B"], out["C"] = dbc[..., R:R + N].transpose(1, 2), dbc[..., R + N:].transpose(1, 2)
+    return out
+
+
 def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def fwd_bwd(fn, ins, names, with_last=False):
     """A closure running fn's forward and backward w.r.t. `names`, for timing."""
-    leaves = {k: v.detach().clone().requires_grad_(k in names) for k, v in ins.items()}
+    # strided views stay views (a clone would make them dense), so the kernels see the layout asked for
+    leaves = {k: (v.detach().clone() if v.is_contiguous() else v.detach()).requires_grad_(k in names) for k, v in ins.items()}
     out = fn(**leaves)
     g = torch.randn_like(out[0] if isinstance(out, tuple) else out)
 
@@ -242,7 +260,6 @@ def tile_sweep():
     """A few tile choices at the 1.5B shape, to pick the defaults from measurements."""
     ins = scan_inputs(8, 2048, 2304, 16) if not SMOKE else scan_inputs(1, 20, 8, 4)
     fwd_tiles = [(8, 16, 1), (8, 32, 2), (16, 16, 2), (16, 32, 4), (8, 32, 4), (32, 16, 4)]  # (chunk, block_d, warps)
-    bwd_tiles = [(8, 16, 2), (8, 32, 4), (16, 16, 4), (4, 32, 2), (8, 16, 4)]
     for fc, fb, fw in fwd_tiles:
         tiles = ScanTiles(fc, fb, fw, fc, 16, 4)  # only the forward runs
         try:
@@ -252,15 +269,27 @@ def tile_sweep():
             log(f"  fwd chunk {fc:3d} block_d {fb:3d} warps {fw}: {ms:.3f} ms")
         except Exception as e:  # noqa: BLE001
             log(f"  fwd {tiles} failed: {type(e).__name__}: {str(e)[:200]}")
-    for bc, bb, bw in bwd_tiles:
-        tiles = ScanTiles(bc, 16, 1, bc, bb, bw)
-        try:
-            ms = do_bench(fwd_bwd(lambda **k: selective_scan_triton(**k, delta_softplus=True, tiles=tiles), ins, GRAD_NAMES),
-                          return_mode="median")
-            results["sweep"].append(dict(pass_="fwd+bwd", tiles=list(tiles), ms=ms))
-            log(f"  fwd+bwd with bwd chunk {bc:3d} block_d {bb:3d} warps {bw}: {ms:.3f} ms")
-        except Exception as e:  # noqa: BLE001
-            log(f"  bwd {tiles} failed: {type(e).__name__}: {str(e)[:200]}")
+    # the backward's variants: (chunk, block_d, warps, prefetch the next chunk, fp32 copies of B and C),
+    # each timed on contiguous inputs and on the mixer's strided views, with the compiled kernel's registers
+    bwd_variants = [(8, 16, 2, True, True), (8, 16, 2, False, True), (8, 16, 2, True, False), (8, 16, 2, False, False),
+                    (8, 8, 1, True, True), (8, 8, 1, False, True), (8, 8, 2, True, True), (8, 8, 2, False, True),
+                    (4, 16, 2, True, True), (4, 16, 2, False, True), (4, 8, 1, True, True), (8, 4, 1, False, True)]
+    if SMOKE:
+        bwd_variants = bwd_variants[:2]
+    layouts = {"contiguous": ins, "mixer views": mixer_layout(ins)}
+    for bc, bb, bw, pf, b32 in bwd_variants:
+        tiles = ScanTiles(min(bc, 8), 16, 1, bc, bb, bw, pf, b32)
+        for name, x in layouts.items():
+            try:
+                run = fwd_bwd(lambda **k: selective_scan_triton(**k, delta_softplus=True, tiles=tiles), x, GRAD_NAMES)
+                ms = do_bench(run, return_mode="median")
+                h = LAUNCHED.get("bwd")
+                regs, spills = getattr(h, "n_regs", None), getattr(h, "n_spills", None)
+                results["sweep"].append(dict(pass_="fwd+bwd", tiles=list(tiles), layout=name, ms=ms, regs=regs, spills=spills))
+                log(f"  fwd+bwd, bwd chunk {bc} block_d {bb:2d} warps {bw} prefetch {pf:d} fp32 B,C {b32:d}, {name:11s}: "
+                    f"{ms:.3f} ms  (bwd kernel {regs} registers, {spills} spills)")
+            except Exception as e:  # noqa: BLE001
+                log(f"  bwd {tiles} {name} failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 @section

@@ -15,8 +15,9 @@ vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model:
   bf16 w    fwd+bwd again after casting the weights to bf16 (trainer.precision=bf16-true, as the anchor runs)
   step      the whole training step as a run takes it: Lightning's Trainer (the one experiments.train builds)
             driving LMModule.training_step, backward, the non-finite check, gradient clipping, the AdamW of
-            configure_optimizers, the LR schedule and zero_grad; timed between steps inside fit, so the
-            Trainer's own overhead is included
+            configure_optimizers (optim.impl=auto: fused on a GPU), the LR schedule and zero_grad; timed between
+            steps inside fit, so the Trainer's own overhead is included; "step foreach AdamW" the same with
+            optim.impl=foreach
   compiled  both again with every block torch.compile'd (one graph per block kind, which all layers of that
             kind reuse, so compiling is paid per block kind, not per layer); a failure is printed with its reason
 
@@ -341,6 +342,11 @@ def bench_eager(name: str, setup: Setup) -> Result:
                f"{'ok' if c['kernels_match'] else 'MISMATCH'}")
     time_fwd_bwd(module, result, "fwd+bwd", setup)
     check_training(module, result, "step", setup)
+    # the same step with the multi-tensor AdamW (optim.impl=foreach) instead of the run's default (fused on a GPU)
+    impl = module.cfg.optim.impl
+    module.cfg.optim.impl = "foreach"
+    time_train_step(module, result, "step foreach AdamW", setup)
+    module.cfg.optim.impl = impl
     # bf16 weights (trainer.precision=bf16-true), as the off-the-shelf anchor runs: autocast has no weight
     # left to cast, so the difference to "fwd+bwd" is what the per-use casts of fp32 weights cost
     module.to(setup.device, torch.bfloat16)
@@ -433,7 +439,7 @@ def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
 
 
 def table(results: list[Result], anchor: dict[str, float], setup: Setup) -> None:
-    variants = ["fwd+bwd", "fwd+bwd bf16 weights", "step", "fwd+bwd compiled", "step compiled"]
+    variants = ["fwd+bwd", "fwd+bwd bf16 weights", "step", "step foreach AdamW", "fwd+bwd compiled", "step compiled"]
     log(setup, "\n| model | params total / active | check | variant | ms | tokens/s | 6N-MFU | peak GB | ours / off-the-shelf |")
     log(setup, "|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:

@@ -99,6 +99,12 @@ class TrainerConfig:
         _check(self.stop_at_step is None or self.stop_at_step >= 1, f"trainer.stop_at_step must be >= 1, got {self.stop_at_step}")
 
 
+OPTIM_IMPLS = ("auto", "fused", "foreach")
+FUSED_WITH_SCALER = ("optim.impl=fused cannot run with trainer.precision=16-mixed: its GradScaler must unscale the "
+                     "gradients before they are clipped, and fused AdamW unscales inside its step; use "
+                     "optim.impl=foreach (or auto), or trainer.precision=bf16-mixed")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-3
@@ -108,8 +114,12 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    # AdamW's implementation: fused (one kernel per step), foreach (multi-tensor kernels), or auto: fused
+    # when every weight is on a GPU and no GradScaler (trainer.precision=16-mixed) has to unscale first
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(self.impl in OPTIM_IMPLS, f"optim.impl must be one of {', '.join(OPTIM_IMPLS)}, got '{self.impl}'")
         for key in ("lr", "weight_decay", "eps"):
             value = getattr(self, key)
             _check(math.isfinite(value) and value >= 0, f"optim.{key} must be a finite number >= 0, got {value}")
@@ -153,6 +163,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check(bool(self.out_dir.strip()), "out_dir must not be empty")
+        _check(not (self.optim.impl == "fused" and self.trainer.precision == "16-mixed"), FUSED_WITH_SCALER)
         if self.moe is not None and self.moe.expert_parallel != 1:  # the rest is checked with the world size
             ep, experts = self.moe.expert_parallel, self.moe.num_experts * self.moe.granularity
             _check(ep >= 1 and experts % ep == 0, f"moe.expert_parallel={ep} must be >= 1 and divide the number of "

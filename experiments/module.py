@@ -13,6 +13,7 @@ from blocks.accounting import account
 from blocks.expert_parallel import sync_expert_grads
 from experiments import distributed
 from experiments.build import build_model
+from experiments.config import FUSED_WITH_SCALER
 from experiments.utilization import moe_layers, record_routing, save_snapshot, snapshot_arrays, snapshot_path
 
 LN2 = math.log(2)
@@ -24,6 +25,20 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_fused(impl: str, params: list[torch.Tensor], precision: str) -> bool:
+    """Whether AdamW runs fused (optim.impl). Fused AdamW unscales gradients inside its own step, so it cannot
+    follow a GradScaler's unscale-then-clip (trainer.precision=16-mixed); auto also wants every weight on a GPU,
+    where one kernel per step beats the multi-tensor path (on the CPU it brings nothing)."""
+    scaler = precision in ("16-mixed", "16")  # Lightning runs a GradScaler for these alone
+    if impl == "fused":
+        if scaler:
+            raise ValueError(FUSED_WITH_SCALER)
+        return True
+    if impl == "foreach":
+        return False
+    return not scaler and bool(params) and all(p.is_cuda for p in params)
 
 
 class LMModule(L.LightningModule):
@@ -40,6 +55,7 @@ class LMModule(L.LightningModule):
             moe.track_tokens(vocab_size)  # token id -> expert counts, fed by observe_tokens in training
         self._val_routing: tuple = (None, {})  # (token ids, layer -> expert ids) of the first val batch
         self._loss: torch.Tensor | None = None  # the last training loss, for the finiteness check
+        self._grad_norm: torch.Tensor | None = None  # the step's gradient norm before clipping
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.nonfinite_stop: str | None = None  # why the run stopped, when non-finite steps stopped it
@@ -87,8 +103,12 @@ class LMModule(L.LightningModule):
         if self.expert_groups is not None:  # the expert gradients, summed over the ranks holding the same experts
             sync_expert_grads(self, self.expert_groups)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        # one multi-tensor kernel for all the per-gradient norms (a loop would launch one kernel per parameter)
-        norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).sum() if grads else 0.0
+        # the whole gradient's L2 norm from one multi-tensor kernel (a loop would launch one kernel per
+        # parameter); single-process clipping reuses it instead of reading every gradient again
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))) if grads else torch.zeros(())
+        self._grad_norm = norm
+        if grads:
+            self.log("train/grad_norm", norm)
         loss = self._loss if self._loss is not None else torch.zeros(())
         finite = torch.isfinite(loss.float() + norm).reshape(1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -121,12 +141,21 @@ class LMModule(L.LightningModule):
         their norm reduced over ranks, which Lightning's own clipping does not do (experiments.distributed)."""
         if not gradient_clip_val:
             return
-        if self.expert_groups is None and not self._fsdp():
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        distributed.clip_grad_norm(self, float(gradient_clip_val), self.expert_groups)
+        if self.expert_groups is not None or self._fsdp():
+            distributed.clip_grad_norm(self, float(gradient_clip_val), self.expert_groups)
+            return
+        # by hand rather than through Lightning's precision plugin, which refuses fused AdamW under AMP; the
+        # gradients here are true-scale (no GradScaler runs with a fused AdamW: see adamw_fused)
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:  # a skipped (non-finite) step has dropped every gradient
+            return
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), self._grad_norm)
 
     def _fsdp(self) -> bool:
-        return isinstance(self.trainer.strategy, distributed.FSDPStrategy)
+        return self._trainer is not None and isinstance(self.trainer.strategy, distributed.FSDPStrategy)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
@@ -181,8 +210,10 @@ class LMModule(L.LightningModule):
             skip = p.ndim < 2 or getattr(p, "_no_weight_decay", False)
             (no_decay if skip else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # not fused: Lightning clips gradients itself under AMP, which fused AdamW refuses
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        fused = adamw_fused(o.impl, [p for g in groups for p in g["params"]], precision)
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                fused=True if fused else None, foreach=None if fused else True)
         total = self.cfg.trainer.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -42,6 +42,17 @@ def test_scan_matches_ref(length, with_extras):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("prefetch,bc_fp32", [(False, True), (True, False)])
+def test_scan_backward_variants_match_ref(prefetch, bc_fp32):
+    # the backward without its one-chunk-ahead loads, and with B and C read in their own dtype
+    inputs = scan_inputs(batch=2, d_inner=5, d_state=3, length=13, seed=21)
+    tiles = TILES._replace(bwd_prefetch=prefetch, bc_fp32=bc_fp32)
+    expected = run_scan(selective_scan_ref, inputs, True)
+    got = run_scan(selective_scan_triton, inputs, True, tiles=tiles)
+    for name, g, e in zip(["y", "last"] + NAMES, got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_scan_without_softplus_or_state_gradient():
     # delta used as given (no bias, no softplus); only y is used, so the last state gets no gradient
     u, delta, A, B, C, D, z, *_ = scan_inputs(batch=1, d_inner=4, d_state=2, length=9, seed=5)

@@ -25,7 +25,7 @@ def test_run_is_tracked_in_mlflow_with_checkpoints(tiny, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["mixer.name"] == "mamba" and run.data.params["moe.num_experts"] == "4"
     assert int(run.data.params["params_total"]) > int(run.data.params["params_active"])
-    for key in ("train/loss", "val/loss", "val/bpb", "train/lr", "train/tokens_per_s", "train/mfu"):
+    for key in ("train/loss", "val/loss", "val/bpb", "train/lr", "train/tokens_per_s", "train/mfu", "train/grad_norm"):
         assert key in run.data.metrics, key
     assert any(k.startswith("moe/layer1/") for k in run.data.metrics)
     assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["family"] == "blackmamba"
