@@ -271,9 +271,8 @@ def tile_sweep():
             log(f"  fwd {tiles} failed: {type(e).__name__}: {str(e)[:200]}")
     # the backward's variants: (chunk, block_d, warps, prefetch the next chunk, fp32 copies of B and C),
     # each timed on contiguous inputs and on the mixer's strided views, with the compiled kernel's registers
-    bwd_variants = [(8, 16, 2, True, True), (8, 16, 2, False, True), (8, 16, 2, True, False), (8, 16, 2, False, False),
-                    (8, 8, 1, True, True), (8, 8, 1, False, True), (8, 8, 2, True, True), (8, 8, 2, False, True),
-                    (4, 16, 2, True, True), (4, 16, 2, False, True), (4, 8, 1, True, True), (8, 4, 1, False, True)]
+    bwd_variants = [(8, 8, 1, True, True), (8, 8, 1, True, False), (8, 8, 1, False, False), (16, 8, 1, True, True),
+                    (4, 8, 1, False, True), (8, 4, 1, True, True), (16, 4, 1, True, True), (8, 16, 2, True, True)]
     if SMOKE:
         bwd_variants = bwd_variants[:2]
     layouts = {"contiguous": ins, "mixer views": mixer_layout(ins)}

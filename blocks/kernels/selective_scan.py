@@ -322,17 +322,21 @@ class ScanTiles(NamedTuple):
 
 
 def default_tiles(d_state: int, batch_channels: int) -> ScanTiles:
-    """Chunks of 8 steps, 16 channels per program (at d_state 16), one warp forward and two backward: about
-    32 fp32 values of each (CHUNK, N, BLOCK_D) tile per thread, no register spills on sm_90 (checked with
-    ptxas), and at B 8 x D 2304 about nine programs per SM, which balances well. Narrower channel blocks
-    when batch * channels would give under 512 programs (a batch of one long sequence). Tiny tiles under
-    the interpreter."""
+    """Chunks of 8 steps and one warp a program in both passes: 16 channels per program forward, 8 backward
+    (at d_state 16), about 32 fp32 values of each (CHUNK, N, BLOCK_D) tile per thread in the backward. One warp
+    keeps every sum over N and over channels inside the warp (shuffles); with two warps the sums over N crossed
+    warps through shared memory at every chunk, and the backward took 1.4x as long (benchmarks/RESULTS.md).
+    Narrower channel blocks when batch * channels would give under 512 programs (a batch of one long
+    sequence). Tiny tiles under the interpreter."""
     if interpreting():
         return ScanTiles(4, 4, 1, 8, 4, 1)
-    block_d = max(4, 256 // triton.next_power_of_2(d_state))
-    while block_d > 4 and batch_channels // block_d < 512:
-        block_d //= 2
-    return ScanTiles(8, block_d, 1, 8, block_d, 2)
+    np2 = triton.next_power_of_2(d_state)
+    fwd_block, bwd_block = max(4, 256 // np2), max(4, 128 // np2)
+    while fwd_block > 4 and batch_channels // fwd_block < 512:
+        fwd_block //= 2
+    while bwd_block > 4 and batch_channels // bwd_block < 512:
+        bwd_block //= 2
+    return ScanTiles(8, fwd_block, 1, 8, bwd_block, 1)
 
 
 # The last compiled kernel launched per pass ("fwd", "bwd"), for benchmarks to read its registers and spills.
