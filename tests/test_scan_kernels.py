@@ -42,9 +42,9 @@ def test_scan_matches_ref(length, with_extras):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("prefetch,bc_fp32", [(False, True), (True, False)])
+@pytest.mark.parametrize("prefetch,bc_fp32", [(False, False), (True, True)])
 def test_scan_backward_variants_match_ref(prefetch, bc_fp32):
-    # the backward without its one-chunk-ahead loads, and with B and C read in their own dtype
+    # the backward without its one-chunk-ahead loads, and with fp32 copies of B and C
     inputs = scan_inputs(batch=2, d_inner=5, d_state=3, length=13, seed=21)
     tiles = TILES._replace(bwd_prefetch=prefetch, bc_fp32=bc_fp32)
     expected = run_scan(selective_scan_ref, inputs, True)
