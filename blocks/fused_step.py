@@ -8,8 +8,8 @@ few fused launches that update the fp32 residual stream in place:
                 (from batch 2 the module's norm and in_proj on cuBLAS, then the conv-step kernel: there
                 in_proj is a real GEMM)
   MoE block     norm + router logits (+ a top-1 router's choice) -> expert up + GLU -> expert down into the residual
-                (fewer slots than experts, batch 1: only the routed experts are read); otherwise the experts
-                of blocks.moe_decode run on the normed input from the same first kernel
+                (fewer slots than experts, batch 1: only the routed experts are read); otherwise every
+                expert runs on every token: one bmm, GLU + gate scaling in one kernel, one matmul
 
 Any other block (attention, mamba2, dense MLP, a plug-in) takes its own `step`. The function is the same as
 the modules' steps (`pytorch_reference()` runs those), up to where values are rounded: the normed input is
@@ -26,7 +26,7 @@ from blocks.kernels.decode import linear_residual_, norm_gate, norm_in_proj_conv
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaCache
 from blocks.moe import MoE
-from blocks.moe_decode import add_routed_experts_, moe_step, route
+from blocks.moe_decode import add_dense_experts_, add_routed_experts_, route
 
 
 def _eps(norm: nn.RMSNorm) -> float:
@@ -77,16 +77,15 @@ def moe_step_(block, res_TD: Tensor) -> None:
     """res += moe(RMSNorm(res)) for one token per row (the router in its current mode, as moe_step)."""
     moe: MoE = block.mlp
     T, K = res_TD.shape[0], moe.top_k
-    routed = T * K < moe.num_experts  # read only the chosen experts
-    gate = moe.router.eval_gate() if routed and K == 1 and not moe.router.training else None
+    gate = moe.router.eval_gate() if K == 1 and not moe.router.training else None
     out = norm_gate(res_TD, block.norm.weight, _eps(block.norm), moe.gate.weight, moe.gate.bias, gate)
     h_TD, logits_TE = out[:2]
-    if not routed:
-        res_TD += moe_step(moe, h_TD, logits_TE).float()
-        return
     # the router's top-1 rule was applied inside the kernel, or the router applies its own
     ids_TK, weights_TK = out[2:] if gate is not None else route(moe, logits_TE)
-    add_routed_experts_(res_TD, moe, h_TD, ids_TK, weights_TK)
+    if T * K < moe.num_experts:  # read only the chosen experts
+        add_routed_experts_(res_TD, moe, h_TD, ids_TK, weights_TK)
+    else:
+        add_dense_experts_(res_TD, moe, h_TD, ids_TK, weights_TK)
     if moe.shared is not None:  # the always-on shared expert: a dense MLP on the same normed input
         res_TD += moe.shared(h_TD).float()
 

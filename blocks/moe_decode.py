@@ -9,7 +9,8 @@ per sequence, is bound by reading weights, and must be capturable in a CUDA grap
   elsewhere by gathering each slot's expert weights and one bmm per projection;
 - otherwise: every expert runs on every token and the gate weights, zero for experts a token did not
   choose, scale the GLU outputs before one down projection over all experts' features: each expert's
-  weights are read once, and no shape depends on the routing.
+  weights are read once, and no shape depends on the routing (on CUDA the GLU and the scaling are one
+  kernel, `add_dense_experts_`).
 
 Shapes: T tokens, D width, E experts, K slots per token, S = T*K slots, F expert hidden width.
 """
@@ -43,6 +44,20 @@ def add_routed_experts_(out_TD: Tensor, moe: MoE, x_TD: Tensor, ids_TK: Tensor, 
 
     a_SF = expert_glu_up(x_TD, ids_TK, moe.w_in.to(x_TD.dtype), moe.cfg.activation)
     return expert_down_residual_(out_TD, a_SF, ids_TK, weights_TK, moe.w_out.to(x_TD.dtype))
+
+
+def add_dense_experts_(out_TD: Tensor, moe: MoE, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
+    """out += sum_k weights[t, k] * expert_{ids[t, k]}(x_t), fp32 out in place, with every expert run on every
+    token (one slot per expert or more): one bmm for all experts' input projections, one kernel for the GLU and
+    the gate scaling (blocks.kernels.decode.gated_glu), one matmul for all down projections and their sum.
+    CUDA or Triton's interpreter. Returns out."""
+    from blocks.kernels.decode import gated_glu  # imports Triton: Linux only
+
+    T, D = x_TD.shape
+    E = moe.num_experts
+    up_ETH = torch.bmm(x_TD.expand(E, T, D), moe.w_in.to(x_TD.dtype))
+    a_TX = gated_glu(up_ETH, ids_TK, weights_TK, moe.cfg.activation)
+    return out_TD.add_(a_TX @ moe.w_out.to(x_TD.dtype).reshape(-1, D))
 
 
 def moe_step(moe: MoE, x_TD: Tensor, logits_TE: Tensor | None = None) -> Tensor:

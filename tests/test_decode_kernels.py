@@ -15,6 +15,8 @@ from blocks.kernels.decode import (
     expert_down_residual_ref_,
     expert_glu_up,
     expert_glu_up_ref,
+    gated_glu,
+    gated_glu_ref,
     linear_residual_,
     norm_gate,
     norm_gate_ref,
@@ -106,6 +108,21 @@ def test_expert_projections_match_ref(tokens, k, activation):
     torch.testing.assert_close(expert_down_residual_(res, a, ids, weights, w_out), expected, **TOL)
 
 
+@pytest.mark.parametrize("tokens,k", [(5, 1), (6, 2)])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_gated_glu_matches_ref(tokens, k, activation):
+    # every expert's GLU output of every token, scaled by the gate weight of the slot that chose it (0 if none);
+    # F 20 is not a multiple of the interpreter's block of 16
+    E, F = 4, 20
+    up = randn(E, tokens, 2 * F, seed=30)
+    ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(31 + t))[:k] for t in range(tokens)])
+    weights = torch.rand(tokens, k, generator=torch.Generator().manual_seed(32))
+    a = gated_glu(up, ids, weights, activation)
+    torch.testing.assert_close(a, gated_glu_ref(up, ids, weights, activation), **TOL)
+    unchosen = torch.ones(tokens, E, dtype=torch.bool).scatter_(1, ids, False)
+    assert (a.view(tokens, E, F)[unchosen] == 0).all()
+
+
 def test_state_step_with_log_A_matches_ref():
     Bsz, Dim, N = 2, 5, 3
     x, z, dt = randn(Bsz, Dim, seed=20), randn(Bsz, Dim, seed=21), randn(Bsz, Dim, seed=22)
@@ -143,6 +160,9 @@ def tiny_lm(router: str, top_k: int = 1, pattern=None, shared: int = 0) -> LM:
         ("sinkhorn", 1, 1, None, 0),  # the routed-expert kernels
         ("topk", 2, 1, None, 0),  # two slots per token, summed in slot order
         ("sinkhorn", 1, 5, None, 0),  # more slots than experts: every expert on the normed input
+        ("topk", 2, 3, None, 0),  # the same with two slots a token
+        ("expert_choice", 1, 5, None, 0),
+        ("topk", 1, 5, None, 8),  # aux-free bias and a shared expert, every expert on every token
         ("expert_choice", 1, 2, None, 0),
         ("top1", 1, 1, ["mamba", "moe", "attention", "mlp"], 0),  # attention and a dense MLP take their own steps
         ("top1", 1, 1, None, 8),  # a shared expert

@@ -9,6 +9,8 @@ microseconds whatever it reads. These kernels fold the steps of one block that r
                          (and for a top-1 router with a sigmoid or softmax gate, its choice and weight)
   expert_glu_up          a_s = glu(h_t @ w_in[e_s])                 one row per routed slot s
   expert_down_residual_  residual_t += sum_k g_tk a_tk @ w_out[e_tk]
+  gated_glu              a_t = [g_te glu(up_et)]_e               (from one slot per expert: every expert's GLU
+                                                                  output scaled by the gate weights)
 
 Their PyTorch twins are the modules' own steps (blocks.model.MixerBlock.step, MLPBlock.step): the reference
 functions at the end of this file spell out the same math with torch ops, and the tests compare the two.
@@ -342,6 +344,43 @@ def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_
     return res_TD
 
 
+@triton.jit
+def _gated_glu_kernel(
+    up_ptr, ids_ptr, wt_ptr, a_ptr, F, K, s_ue, s_ut, s_uf,
+    NE: tl.constexpr, GEGLU: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    pid_f, te = tl.program_id(0), tl.program_id(1)
+    t, e = te // NE, te % NE
+    scale = 0.0  # the token's gate weight for expert e: 0 unless one of its slots chose it
+    for j in range(K):
+        s = t * K + j
+        scale += tl.where(tl.load(ids_ptr + s) == e, tl.load(wt_ptr + s), 0.0)
+    f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = f < F
+    row = up_ptr + e.to(tl.int64) * s_ue + t.to(tl.int64) * s_ut
+    g = tl.load(row + f * s_uf, mask=f_ok, other=0.0).to(tl.float32)
+    u = tl.load(row + (F + f) * s_uf, mask=f_ok, other=0.0).to(tl.float32)
+    a = glu_gate(g, GEGLU) * u * scale
+    tl.store(a_ptr + te.to(tl.int64) * F + f, a.to(a_ptr.dtype.element_ty), mask=f_ok)
+
+
+def gated_glu(up_ETH: Tensor, ids_TK: Tensor, weights_TK: Tensor, activation: str) -> Tensor:
+    """a (T, E*F) in up's dtype: a[t, e*F + f] = g_te * glu(up[e, t])_f, with g_te the gate weight of the
+    token's slot that chose expert e (0 if none did). up_ETH (E, T, 2F): every expert's input projection of
+    every token, gate half first. One pass for the GLU, the gate scaling and the (T, E, F) layout that the
+    down projection over all experts' features reads (blocks.moe_decode, from one slot per expert)."""
+    E, T, F2 = up_ETH.shape
+    F, K = F2 // 2, ids_TK.shape[1]
+    a = torch.empty(T, E * F, device=up_ETH.device, dtype=up_ETH.dtype)
+    block_f = 16 if interpreting() else 1024
+    _gated_glu_kernel[(triton.cdiv(F, block_f), T * E)](
+        up_ETH, ids_TK.reshape(-1).contiguous(), weights_TK.float().reshape(-1).contiguous(), a, F, K,
+        *up_ETH.stride(), NE=E, GEGLU=activation == "geglu", BLOCK_F=block_f,
+        **({} if interpreting() else {"num_warps": 4}),
+    )
+    return a
+
+
 # ---- PyTorch twins: the same math with torch ops, what the kernels are tested against ----
 
 def rms_norm_ref(res_MD: Tensor, norm_w: Tensor, eps: float) -> Tensor:
@@ -379,3 +418,10 @@ def expert_down_residual_ref_(res_TD, a_SF, ids_TK, weights_TK, w_out):
     T, K = ids_TK.shape
     y_SD = torch.bmm(a_SF.float()[:, None], w_out[ids_TK.reshape(-1)].float())[:, 0]
     return res_TD.add_((y_SD.view(T, K, -1) * weights_TK.float()[..., None]).sum(1))
+
+
+def gated_glu_ref(up_ETH, ids_TK, weights_TK, activation):
+    E, T, _ = up_ETH.shape
+    gate_TE = torch.zeros(T, E, device=up_ETH.device).scatter_add_(1, ids_TK, weights_TK.float())
+    a_ETF = glu_activation(activation)(up_ETH.float()) * gate_TE.T[..., None]
+    return a_ETF.transpose(0, 1).reshape(T, -1).to(up_ETH.dtype)
