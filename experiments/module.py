@@ -107,7 +107,7 @@ class LMModule(L.LightningModule):
         # parameter); single-process clipping reuses it instead of reading every gradient again
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))) if grads else torch.zeros(())
         self._grad_norm = norm
-        if grads:
+        if grads and self.expert_groups is None and not self._fsdp():  # sharded: logged by the clipping below
             self.log("train/grad_norm", norm)
         loss = self._loss if self._loss is not None else torch.zeros(())
         finite = torch.isfinite(loss.float() + norm).reshape(1)
@@ -141,8 +141,8 @@ class LMModule(L.LightningModule):
         their norm reduced over ranks, which Lightning's own clipping does not do (experiments.distributed)."""
         if not gradient_clip_val:
             return
-        if self.expert_groups is not None or self._fsdp():
-            distributed.clip_grad_norm(self, float(gradient_clip_val), self.expert_groups)
+        if self.expert_groups is not None or self._fsdp():  # each rank holds a shard: the norm over all ranks
+            self.log("train/grad_norm", distributed.clip_grad_norm(self, float(gradient_clip_val), self.expert_groups))
             return
         # by hand rather than through Lightning's precision plugin, which refuses fused AdamW under AMP; the
         # gradients here are true-scale (no GradScaler runs with a fused AdamW: see adamw_fused)
@@ -213,7 +213,7 @@ class LMModule(L.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         fused = adamw_fused(o.impl, [p for g in groups for p in g["params"]], precision)
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                fused=True if fused else None, foreach=None if fused else True)
+                                fused=True if fused else None, foreach=True if o.impl == "foreach" else None)
         total = self.cfg.trainer.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
