@@ -259,23 +259,26 @@ def scan_timings():
 def tile_sweep():
     """A few tile choices at the 1.5B shape, to pick the defaults from measurements."""
     ins = scan_inputs(8, 2048, 2304, 16) if not SMOKE else scan_inputs(1, 20, 8, 4)
-    fwd_tiles = [(8, 16, 1), (8, 32, 2), (16, 16, 2), (16, 32, 4), (8, 32, 4), (32, 16, 4)]  # (chunk, block_d, warps)
+    fwd_tiles = [(8, 16, 1), (8, 8, 1), (4, 16, 1), (16, 8, 1), (8, 32, 2), (16, 16, 2)]  # (chunk, block_d, warps)
+    layouts = {"contiguous": ins, "mixer views": mixer_layout(ins)}
     for fc, fb, fw in fwd_tiles:
         tiles = ScanTiles(fc, fb, fw, fc, 16, 4)  # only the forward runs
-        try:
-            with torch.no_grad():
-                ms = do_bench(lambda: selective_scan_triton(**ins, delta_softplus=True, tiles=tiles), return_mode="median")
-            results["sweep"].append(dict(pass_="fwd", tiles=list(tiles), ms=ms))
-            log(f"  fwd chunk {fc:3d} block_d {fb:3d} warps {fw}: {ms:.3f} ms")
-        except Exception as e:  # noqa: BLE001
-            log(f"  fwd {tiles} failed: {type(e).__name__}: {str(e)[:200]}")
+        for name, x in layouts.items():  # inside the mixer the forward reads (B, L, D) views
+            try:
+                with torch.no_grad():
+                    ms = do_bench(lambda: selective_scan_triton(**x, delta_softplus=True, tiles=tiles), return_mode="median")
+                h = LAUNCHED.get("fwd")
+                regs, spills = getattr(h, "n_regs", None), getattr(h, "n_spills", None)
+                results["sweep"].append(dict(pass_="fwd", tiles=list(tiles), layout=name, ms=ms, regs=regs, spills=spills))
+                log(f"  fwd chunk {fc:3d} block_d {fb:3d} warps {fw}, {name:11s}: {ms:.3f} ms  ({regs} registers, {spills} spills)")
+            except Exception as e:  # noqa: BLE001
+                log(f"  fwd {tiles} {name} failed: {type(e).__name__}: {str(e)[:200]}")
     # the backward's variants: (chunk, block_d, warps, prefetch the next chunk, fp32 copies of B and C),
     # each timed on contiguous inputs and on the mixer's strided views, with the compiled kernel's registers
     bwd_variants = [(8, 8, 1, True, True), (8, 8, 1, True, False), (8, 8, 1, False, False), (16, 8, 1, True, True),
                     (4, 8, 1, False, True), (8, 4, 1, True, True), (16, 4, 1, True, True), (8, 16, 2, True, True)]
     if SMOKE:
         bwd_variants = bwd_variants[:2]
-    layouts = {"contiguous": ins, "mixer views": mixer_layout(ins)}
     for bc, bb, bw, pf, b32 in bwd_variants:
         tiles = ScanTiles(min(bc, 8), 16, 1, bc, bb, bw, pf, b32)
         for name, x in layouts.items():
