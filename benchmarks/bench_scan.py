@@ -255,6 +255,12 @@ def scan_timings():
             torch.cuda.empty_cache()
 
 
+def registers(pass_: str) -> tuple:
+    """(registers per thread, spills) of the last compiled scan kernel of that pass (None under the interpreter)."""
+    h = LAUNCHED.get(pass_)
+    return getattr(h, "n_regs", None), getattr(h, "n_spills", None)
+
+
 @section
 def tile_sweep():
     """A few tile choices at the 1.5B shape, to pick the defaults from measurements."""
@@ -267,8 +273,7 @@ def tile_sweep():
             try:
                 with torch.no_grad():
                     ms = do_bench(lambda: selective_scan_triton(**x, delta_softplus=True, tiles=tiles), return_mode="median")
-                h = LAUNCHED.get("fwd")
-                regs, spills = getattr(h, "n_regs", None), getattr(h, "n_spills", None)
+                regs, spills = registers("fwd")
                 results["sweep"].append(dict(pass_="fwd", tiles=list(tiles), layout=name, ms=ms, regs=regs, spills=spills))
                 log(f"  fwd chunk {fc:3d} block_d {fb:3d} warps {fw}, {name:11s}: {ms:.3f} ms  ({regs} registers, {spills} spills)")
             except Exception as e:  # noqa: BLE001
@@ -285,8 +290,7 @@ def tile_sweep():
             try:
                 run = fwd_bwd(lambda **k: selective_scan_triton(**k, delta_softplus=True, tiles=tiles), x, GRAD_NAMES)
                 ms = do_bench(run, return_mode="median")
-                h = LAUNCHED.get("bwd")
-                regs, spills = getattr(h, "n_regs", None), getattr(h, "n_spills", None)
+                regs, spills = registers("bwd")
                 results["sweep"].append(dict(pass_="fwd+bwd", tiles=list(tiles), layout=name, ms=ms, regs=regs, spills=spills))
                 log(f"  fwd+bwd, bwd chunk {bc} block_d {bb:2d} warps {bw} prefetch {pf:d} fp32 B,C {b32:d}, {name:11s}: "
                     f"{ms:.3f} ms  (bwd kernel {regs} registers, {spills} spills)")
