@@ -2,6 +2,9 @@
 # Builds mamba-ssm and causal-conv1d from their PyPI source releases for sm_90 (H100/H200) only, for the
 # side-by-side benchmarks on a GPU machine that has nvcc but no network. Run from the repo root there:
 #   bash benchmarks/build_mamba_ssm.sh [--no-conv]
+# A package already installed is skipped, so where one command's time limit is shorter than both builds
+# (165 s and 354 s on an H200 once; more than 600 s together another time), run it with --no-conv first,
+# then again without: each run installs what it built. Each build prints its time as it ends.
 # Beforehand, where there is network, fetch the sdists (about 250 KB) into an ignored folder and carry it:
 #   echo /.sdist/ >> .git/info/exclude
 #   MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
@@ -27,6 +30,7 @@ build() {  # $1 sdist glob, $2 the package's FORCE_BUILD variable
   local t=$(date +%s)
   ( cd "$dir" && env "$2=TRUE" python3 -m pip wheel -q --no-deps --no-build-isolation -w $W . )
   echo "  built $1 in $(( $(date +%s) - t )) s"
+  python3 -m pip install -q --no-deps --no-index $W/*.whl  # now: a later build that runs out of time keeps this one
 }
 
 if python3 -c "import mamba_ssm" 2>/dev/null; then
@@ -37,6 +41,5 @@ fi
 if [ "$1" != "--no-conv" ] && ! python3 -c "import causal_conv1d" 2>/dev/null; then
   build "causal_conv1d-*.tar.gz" CAUSAL_CONV1D_FORCE_BUILD
 fi
-ls $W/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index $W/*.whl
 python3 -c "import mamba_ssm; print('mamba_ssm', mamba_ssm.__version__)"
 python3 -c "import causal_conv1d; print('causal_conv1d', causal_conv1d.__version__)" || true
