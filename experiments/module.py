@@ -212,11 +212,26 @@ class LMModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         fused = adamw_fused(o.impl, [p for g in groups for p in g["params"]], precision)
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                fused=True if fused else None, foreach=True if o.impl == "foreach" else None)
+        self._adamw_impl = {"fused": True if fused else None, "foreach": True if o.impl == "foreach" else None}
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **self._adamw_impl)
         total = self.cfg.trainer.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_start(self):
+        """A resumed run takes AdamW's implementation from its own config: the optimizer state restored from a
+        checkpoint (after configure_optimizers) carries the saving run's choice in its param groups. Fused AdamW
+        keeps its step counts on the weights' device, the others on the CPU."""
+        impl = getattr(self, "_adamw_impl", None)
+        if impl is None:
+            return
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group.update(impl)
+                for p in group["params"]:
+                    state = opt.state.get(p, {})
+                    if "step" in state:
+                        state["step"] = state["step"].to(p.device if impl["fused"] else "cpu", torch.float32)
 
     def on_save_checkpoint(self, checkpoint):
         # everything needed to rebuild the model without this process: plain types only (weights_only loads)

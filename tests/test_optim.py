@@ -13,12 +13,14 @@ from experiments.train import train
 
 
 class OptimizerFlags(Callback):
-    def on_train_start(self, trainer, pl_module):
+    """AdamW's fused flag per param group as the steps see it (read at every batch: the last one stays)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.fused = [g["fused"] for g in trainer.optimizers[0].param_groups]
 
 
-def final_weights(tmp_path, run_id) -> dict:
-    ckpt = torch.load(tmp_path / "runs" / run_id / "checkpoints" / "last.ckpt", weights_only=True)
+def final_weights(out_dir, run_id) -> dict:
+    ckpt = torch.load(out_dir / "runs" / run_id / "checkpoints" / "last.ckpt", weights_only=True)
     return ckpt["state_dict"]
 
 
@@ -34,6 +36,19 @@ def test_fused_and_foreach_adamw_reach_the_same_weights(tiny, tmp_path):
     assert weights["fused"].keys() == weights["foreach"].keys()
     for k, w in weights["fused"].items():
         torch.testing.assert_close(w, weights["foreach"][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_resumed_run_takes_adamw_from_its_config_not_from_the_checkpoint(tiny, tmp_path):
+    # the checkpoint's param groups carry the saving run's choice (foreach); the resumed run asks for fused
+    steps = ("trainer.max_steps=6", "trainer.val_every=3")
+    whole = train(compose(tiny(*steps, "optim.impl=fused", f"out_dir={tmp_path / 'a'}")))
+    part = train(compose(tiny(*steps, "optim.impl=foreach", "trainer.stop_at_step=3", f"out_dir={tmp_path / 'b'}")))
+    probe = OptimizerFlags()
+    train(compose([f"out_dir={tmp_path / 'b'}", f"resume={part.run_id}", "optim.impl=fused"]), callbacks=[probe])
+    assert probe.fused == [True, True]
+    a, b = final_weights(tmp_path / "a", whole.run_id), final_weights(tmp_path / "b", part.run_id)
+    for k, w in a.items():
+        torch.testing.assert_close(w, b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_clipping_scales_by_the_whole_gradients_norm(tiny):
