@@ -9,8 +9,8 @@ per sequence, is bound by reading weights, and must be capturable in a CUDA grap
   elsewhere by gathering each slot's expert weights and one bmm per projection;
 - otherwise: every expert runs on every token and the gate weights, zero for experts a token did not
   choose, scale the GLU outputs before one down projection over all experts' features: each expert's
-  weights are read once, and no shape depends on the routing (on CUDA the GLU and the scaling are one
-  kernel, `add_dense_experts_`).
+  weights are read once, and no shape depends on the routing (in the fused CUDA step, blocks.fused_step,
+  `add_dense_experts_` does the GLU and the scaling in one kernel).
 
 Shapes: T tokens, D width, E experts, K slots per token, S = T*K slots, F expert hidden width.
 """
