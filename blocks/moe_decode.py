@@ -46,6 +46,15 @@ def add_routed_experts_(out_TD: Tensor, moe: MoE, x_TD: Tensor, ids_TK: Tensor, 
     return expert_down_residual_(out_TD, a_SF, ids_TK, weights_TK, moe.w_out.to(x_TD.dtype))
 
 
+def gated_glu_torch(up_ETH: Tensor, ids_TK: Tensor, weights_TK: Tensor, activation: str) -> Tensor:
+    """a (T, E*F) in up's dtype: a[t, e*F + f] = g_te * glu(up[e, t])_f, g_te the gate weight of the token's
+    slot that chose expert e (0 if none did); up_ETH (E, T, 2F). The twin of blocks.kernels.decode.gated_glu."""
+    E, T, _ = up_ETH.shape
+    gate_TE = torch.zeros(T, E, device=up_ETH.device).scatter_add_(1, ids_TK, weights_TK.float())
+    a_ETF = glu_activation(activation)(up_ETH.float()) * gate_TE.T[..., None]
+    return a_ETF.transpose(0, 1).reshape(T, -1).to(up_ETH.dtype)
+
+
 def add_dense_experts_(out_TD: Tensor, moe: MoE, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor:
     """out += sum_k weights[t, k] * expert_{ids[t, k]}(x_t), fp32 out in place, with every expert run on every
     token (one slot per expert or more): one bmm for all experts' input projections, one kernel for the GLU and
@@ -85,10 +94,8 @@ def moe_step(moe: MoE, x_TD: Tensor, logits_TE: Tensor | None = None) -> Tensor:
     else:
         # the gate weights (zero where a token did not choose the expert) scale the GLU outputs, so that all
         # experts' down projections and their weighted sum are one matmul over the E*F concatenated features
-        a_ETF = act(torch.bmm(x_TD.expand(E, T, D), w_in))
-        gate_ET = torch.zeros(T, E, device=x_TD.device).scatter_add_(1, ids_TK, weights_TK).T
-        a_TEF = (a_ETF * gate_ET[..., None]).to(a_ETF.dtype).transpose(0, 1)
-        y_TD = (a_TEF.reshape(T, -1) @ w_out.reshape(-1, D)).float()
+        a_TX = gated_glu_torch(torch.bmm(x_TD.expand(E, T, D), w_in), ids_TK, weights_TK, moe.cfg.activation)
+        y_TD = (a_TX @ w_out.reshape(-1, D)).float()
     y_TD = y_TD.to(x_TD.dtype)
     if moe.shared is not None:
         y_TD = y_TD + moe.shared(x_TD)

@@ -56,6 +56,7 @@ class LMModule(L.LightningModule):
         self._val_routing: tuple = (None, {})  # (token ids, layer -> expert ids) of the first val batch
         self._loss: torch.Tensor | None = None  # the last training loss, for the finiteness check
         self._grad_norm: torch.Tensor | None = None  # the step's gradient norm before clipping
+        self._adamw_impl: dict | None = None  # AdamW's fused/foreach flags, set by configure_optimizers
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.nonfinite_stop: str | None = None  # why the run stopped, when non-finite steps stopped it
@@ -222,7 +223,7 @@ class LMModule(L.LightningModule):
         """A resumed run takes AdamW's implementation from its own config: the optimizer state restored from a
         checkpoint (after configure_optimizers) carries the saving run's choice in its param groups. Fused AdamW
         keeps its step counts on the weights' device, the others on the CPU."""
-        impl = getattr(self, "_adamw_impl", None)
+        impl = self._adamw_impl
         if impl is None:
             return
         for opt in self.trainer.optimizers:

@@ -32,6 +32,7 @@ from torch import Tensor
 from blocks.kernels import interpreting
 from blocks.kernels.glu import glu_gate
 from blocks.mlp import glu_activation
+from blocks.moe_decode import gated_glu_torch
 
 
 def _block_m(rows: int) -> int:
@@ -383,6 +384,8 @@ def gated_glu(up_ETH: Tensor, ids_TK: Tensor, weights_TK: Tensor, activation: st
 
 # ---- PyTorch twins: the same math with torch ops, what the kernels are tested against ----
 
+gated_glu_ref = gated_glu_torch  # the dense decoding path's own torch function (blocks.moe_decode)
+
 def rms_norm_ref(res_MD: Tensor, norm_w: Tensor, eps: float) -> Tensor:
     """RMSNorm of the fp32 residual, rounded to the weights' dtype."""
     return (res_MD * torch.rsqrt(res_MD.pow(2).mean(-1, keepdim=True) + eps) * norm_w.float()).to(norm_w.dtype)
@@ -418,10 +421,3 @@ def expert_down_residual_ref_(res_TD, a_SF, ids_TK, weights_TK, w_out):
     T, K = ids_TK.shape
     y_SD = torch.bmm(a_SF.float()[:, None], w_out[ids_TK.reshape(-1)].float())[:, 0]
     return res_TD.add_((y_SD.view(T, K, -1) * weights_TK.float()[..., None]).sum(1))
-
-
-def gated_glu_ref(up_ETH, ids_TK, weights_TK, activation):
-    E, T, _ = up_ETH.shape
-    gate_TE = torch.zeros(T, E, device=up_ETH.device).scatter_add_(1, ids_TK, weights_TK.float())
-    a_ETF = glu_activation(activation)(up_ETH.float()) * gate_TE.T[..., None]
-    return a_ETF.transpose(0, 1).reshape(T, -1).to(up_ETH.dtype)

@@ -429,11 +429,11 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, tiles):
         ctx.set_materialize_grads(False)
         # B and C are small, (B, N, L): read as they are, or (tiles.bc_fp32) as fp32 copies
-        B32, C32 = (B.float(), C.float()) if tiles.bc_fp32 else (B, C)
+        B_in, C_in = (B.float(), C.float()) if tiles.bc_fp32 else (B, C)
         y, last, states = scan_forward(
-            u, delta, A, B32, C32, D, z, delta_bias, delta_softplus, initial_state, any(ctx.needs_input_grad), tiles
+            u, delta, A, B_in, C_in, D, z, delta_bias, delta_softplus, initial_state, any(ctx.needs_input_grad), tiles
         )
-        ctx.save_for_backward(u, delta, A, B32, C32, D, z, delta_bias, states)
+        ctx.save_for_backward(u, delta, A, B_in, C_in, D, z, delta_bias, states)
         ctx.softplus, ctx.tiles, ctx.has_h0, ctx.BC_dtype = delta_softplus, tiles, initial_state is not None, B.dtype
         return y, last
 
