@@ -58,6 +58,11 @@ def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
     ids = torch.randint(0, NE, (rows, 1), device=device, generator=g)
     weights = torch.rand(rows, 1, device=device, generator=g)
     a = rn(rows, F)
+    R, N = 72, 16  # dt_rank and d_state of the preset
+    w_x, dt_w, dt_b = rn(R + 2 * N, E, scale=0.03), rn(E, R, scale=0.1), rn(E)
+    A_log = torch.randn(E, N, device=device, generator=g) * 0.5
+    Dp, z, ssm = torch.randn(E, device=device, generator=g), rn(rows, E), torch.randn(rows, E, N, device=device, generator=g)
+    parts = decode.x_proj_split_k(y, w_x)
 
     def check_in():
         s1, s2 = state.clone(), state.clone()
@@ -79,6 +84,15 @@ def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
         got = decode.expert_down_residual_(res.clone(), a, ids, weights, w2)
         return rel(got, decode.expert_down_residual_ref_(res.clone(), a, ids, weights, w2))
 
+    def check_x():
+        return rel(decode.x_proj_split_k(y, w_x).sum(0), y.float() @ w_x.float().T)
+
+    def check_ssm():
+        s1, s2 = ssm.clone(), ssm.clone()
+        got = decode.dt_proj_ssm_step(parts, dt_w, dt_b, A_log, Dp, s1, y, z)
+        ref = decode.dt_proj_ssm_step_ref(parts, dt_w, dt_b, A_log, Dp, s2, y, z)
+        return max(rel(got, ref), rel(s1, s2))
+
     out = {
         "in_proj": (lambda: decode.norm_in_proj_conv(res, nw, 1e-5, w_in, state, conv_w, conv_b), check_in, 2 * E * D * 2),
         "out_proj": (lambda: decode.linear_residual_(res, y, w_out), check_out, D * E * 2),
@@ -87,6 +101,9 @@ def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
         out["gate"] = (lambda: decode.norm_gate(res, nw, 1e-5, gate_w, gate_b), check_gate, NE * D * 2)
         out["expert_up"] = (lambda: decode.expert_glu_up(h, ids, w1, "swiglu"), check_up, 2 * F * D * 2)
         out["expert_down"] = (lambda: decode.expert_down_residual_(res, a, ids, weights, w2), check_down, F * D * 2)
+        out["x_proj"] = (lambda: decode.x_proj_split_k(y, w_x), check_x, (R + 2 * N) * E * 2)
+        out["ssm"] = (lambda: decode.dt_proj_ssm_step(parts, dt_w, dt_b, A_log, Dp, ssm, y, z), check_ssm,
+                      E * R * 2 + E * N * 4 * 3)  # dt_proj weights, A_log, the state read and written
     return out
 
 
@@ -96,6 +113,8 @@ SWEEP_ROW = {
     "gate": itertools.product((0,), (256, 512, 1024, 2048), (2, 4, 8)),
     "expert_up": itertools.product((16, 32), (256, 512, 1024), (4, 8)),
     "expert_down": itertools.product((16, 32), (512, 1024, 2048), (4, 8)),
+    "x_proj": itertools.product((4, 8, 16), (128, 256, 512), (1, 2, 4)),
+    "ssm": itertools.product((8, 16, 32, 64), (0,), (1, 2, 4)),
 }
 SWEEP_DOT = {
     "in_proj": [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 128, 4, 4), (32, 256, 8, 2)],
@@ -107,11 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--only", default=None, help="comma-separated kernels (default: all)")
+    ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU through Triton's interpreter (TRITON_INTERPRET=1), tiny fp32 shapes: checks only, no timing")
     args = ap.parse_args(argv)
     global D, E, K, F, NE
     LINES.clear()
+    decode.PDL = not args.no_pdl
     if args.smoke:
         if not decode.interpreting():
             sys.exit("error: --smoke needs TRITON_INTERPRET=1 set before Triton is imported")
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         device, dtype, tol = "cuda", torch.bfloat16, 2e-2
     log(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}, torch {torch.__version__}, "
-        f"triton {triton.__version__}")
+        f"triton {triton.__version__}; PDL {'on' if decode.PDL else 'off'}")
     best, wrong = {}, []
     for rows in map(int, args.batches.split(",")):
         path = "row" if decode._block_m(rows) == 1 else "dot"

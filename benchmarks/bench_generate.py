@@ -19,6 +19,8 @@ width, layers and experts (18 heads of 64), whose KV cache holds the full contex
    cache cheaply": the skipped KV slots keep zeros), then times `steps` decode steps. That costs what a
    real long context costs: a decode step attends over the whole static KV cache (masked), and a Mamba
    step's work does not depend on the position at all. A KV cache larger than the free memory is skipped.
+   Greedy decoding at the first context is also timed with the decoding kernels launched without
+   programmatic dependent launch ("cuda_graph no PDL"; blocks/kernels/decode.py).
    Peak memory is that of decoding (weights, cache, graph buffers); the prefill's own peak is in the JSON.
 Prints a table last; writes bench_generate.json and bench_generate.log under $OUT when it is set.
 --smoke runs the same code on the CPU with tiny models and contexts, without capture (the static decoder
@@ -44,7 +46,7 @@ from blocks.attention import AttentionCache, AttentionConfig  # noqa: E402
 from blocks.mamba import MambaConfig  # noqa: E402
 from blocks.model import LM, ModelConfig  # noqa: E402
 from blocks.moe import MoE, MoEConfig  # noqa: E402
-from blocks.kernels import force_triton, interpreting, pytorch_reference  # noqa: E402
+from blocks.kernels import decode, force_triton, interpreting, pytorch_reference  # noqa: E402
 from experiments.cuda_graphs import StaticDecoder  # noqa: E402
 from experiments.decoding import generate_eager  # noqa: E402
 
@@ -180,9 +182,10 @@ def jump_positions(cache: list, pos: int) -> None:
             c.pos.fill_(pos)
 
 
-def measure(name: str, model: LM, batch: int, context: int, mode: str, capture: bool, steps: int, device: str) -> dict:
+def measure(name: str, model: LM, batch: int, context: int, mode: str, capture: bool, steps: int, device: str,
+            tag: str = "") -> dict:
     row = {"model": name, "batch": batch, "context": context, "sampling": mode,
-           "decode": ("cuda_graph" if device == "cuda" else "static") if capture is not False else "plain"}
+           "decode": (("cuda_graph" if device == "cuda" else "static") if capture is not False else "plain") + tag}
     warm = 4
     if steps + warm + 1 >= context:
         raise ValueError(f"context {context} is too short for {steps} timed steps")
@@ -279,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append({"model": name, "batch": batch, "context": context, "sampling": mode,
                                      "decode": "cuda_graph", "skipped": f"out of memory: {str(exc)[:80]}"})
                         log(f"{name} batch {batch} context {context} {mode}: out of memory")
+                if capture and mode == "greedy" and decode.PDL:  # what programmatic dependent launch gains
+                    decode.PDL = False
+                    try:
+                        rows.append(measure(name, model, batch, contexts[0], mode, True, steps, device, " no PDL"))
+                    finally:
+                        decode.PDL = True
         del model
         if capture:
             torch.cuda.empty_cache()

@@ -4,9 +4,9 @@ A batch-1 step of the 1.5B preset through the modules' own `step`s runs ~575 ker
 weight reads; launches, dtype casts and one-token grouped GEMMs take the time. Here each block's step is a
 few fused launches that update the fp32 residual stream in place:
 
-  Mamba block   norm + in_proj + conv -> x_proj, dt_proj (cuBLAS) -> SSM update + gate -> out_proj into the residual
-                (from batch 2 the module's norm and in_proj on cuBLAS, then the conv-step kernel: there
-                in_proj is a real GEMM)
+  Mamba block   norm + in_proj + conv -> x_proj in input slices -> dt_proj + SSM update + gate -> out_proj
+                into the residual (from batch 2 the module's norm and in_proj, x_proj and dt_proj on cuBLAS,
+                the conv-step and SSM-step kernels between them: there the projections are real GEMMs)
   MoE block     norm + router logits (+ a top-1 router's choice) -> expert up + GLU -> expert down into the residual
                 (fewer slots than experts, batch 1: only the routed experts are read); otherwise every
                 expert runs on every token: one bmm, GLU + gate scaling in one kernel, one matmul
@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blocks.kernels.causal_conv1d import causal_conv1d_step_triton
-from blocks.kernels.decode import linear_residual_, norm_gate, norm_in_proj_conv
+from blocks.kernels.decode import (
+    dt_proj_ssm_step, linear_residual_, norm_gate, norm_in_proj_conv, x_proj_split_k,
+)
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaCache
 from blocks.moe import MoE
@@ -61,15 +63,18 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
         x_BE, z_BE = m.in_proj(block.norm(res_BD.to(block.norm.weight.dtype))).chunk(2, dim=-1)
         x_BE = causal_conv1d_step_triton(x_BE, cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, silu=True)
-    # x_proj and dt_proj on cuBLAS: one kernel forming them with the SSM update was slower (13.4 against
-    # 9.9 us at batch 1 on an H200: every program must form the whole x_proj; benchmarks/RESULTS.md)
     R, N = m.dt_rank, m.d_state
-    dbc = F.linear(x_BE, m.x_proj.weight)  # (B, R + 2N): low-rank dt, B, C
-    dt_BE = F.linear(dbc[:, :R], m.dt_proj.weight)  # its bias and softplus are applied in the SSM kernel
-    y_BE = selective_state_step_triton(
-        cache.ssm_state, x_BE, dt_BE, m.A_log, dbc[:, R:R + N], dbc[:, R + N:], D=m.D, z=z_BE,
-        dt_bias=m.dt_proj.bias, dt_softplus=True, A_is_log=True,
-    )
+    if res_BD.shape[0] == 1:  # x_proj in input slices, then dt_proj inside the SSM-step kernel: no cuBLAS
+        # launch between PDL kernels (and one kernel fewer than x_proj, dt_proj, SSM step)
+        parts = x_proj_split_k(x_BE, m.x_proj.weight)
+        y_BE = dt_proj_ssm_step(parts, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, cache.ssm_state, x_BE, z_BE)
+    else:  # x_proj and dt_proj on cuBLAS (real GEMMs from batch 2)
+        dbc = F.linear(x_BE, m.x_proj.weight)  # (B, R + 2N): low-rank dt, B, C
+        dt_BE = F.linear(dbc[:, :R], m.dt_proj.weight)  # its bias and softplus are applied in the SSM kernel
+        y_BE = selective_state_step_triton(
+            cache.ssm_state, x_BE, dt_BE, m.A_log, dbc[:, R:R + N], dbc[:, R + N:], D=m.D, z=z_BE,
+            dt_bias=m.dt_proj.bias, dt_softplus=True, A_is_log=True,
+        )
     linear_residual_(res_BD, y_BE, m.out_proj.weight)
 
 

@@ -11,6 +11,8 @@ import torch
 from blocks.attention import AttentionConfig
 from blocks.kernels import force_triton
 from blocks.kernels.decode import (
+    dt_proj_ssm_step,
+    dt_proj_ssm_step_ref,
     expert_down_residual_,
     expert_down_residual_ref_,
     expert_glu_up,
@@ -22,6 +24,7 @@ from blocks.kernels.decode import (
     norm_gate_ref,
     norm_in_proj_conv,
     norm_in_proj_conv_ref,
+    x_proj_split_k,
 )
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import MambaConfig
@@ -134,6 +137,38 @@ def test_state_step_with_log_A_matches_ref():
     y = selective_state_step_triton(state, x, dt, A_log, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True, A_is_log=True)
     torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(state, state_ref, **TOL)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_x_proj_split_k_sums_to_the_projection(rows):
+    x, w = randn(rows, 37, seed=30), randn(11, 37, seed=31)  # 37 inputs: three slices of 16, the last partial
+    parts = x_proj_split_k(x, w)
+    assert parts.shape == (3, rows, 11) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(0), x @ w.T, **TOL)
+    torch.testing.assert_close(parts[0], x[:, :16] @ w[:, :16].T, **TOL)  # slice s: inputs 16 s .. 16 s + 15
+
+
+@pytest.mark.parametrize("with_z", [True, False])
+def test_dt_proj_ssm_step_matches_ref(with_z):
+    Bsz, Dim, N, R, S = 2, 9, 3, 5, 3  # 9 channels in blocks of 4
+    parts = randn(S, Bsz, R + 2 * N, seed=40) / 2
+    dt_w, bias, A_log = randn(Dim, R, seed=41) / 2, randn(Dim, seed=42), randn(Dim, N, seed=43) / 2
+    D, x = randn(Dim, seed=44), randn(Bsz, Dim, seed=45)
+    z = randn(Bsz, Dim, seed=46) if with_z else None
+    state = randn(Bsz, Dim, N, seed=47)
+    state_ref = state.clone()
+    y_ref = dt_proj_ssm_step_ref(parts, dt_w, bias, A_log, D, state_ref, x, z)
+    y = dt_proj_ssm_step(parts, dt_w, bias, A_log, D, state, x, z)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(state, state_ref, **TOL)
+
+
+def test_pdl_is_never_used_off_the_gpu():
+    from blocks.kernels.decode import _launch, _pdl
+
+    assert not _pdl(torch.zeros(1))  # a CPU tensor (and the interpreter): plain launches
+    assert _launch({"num_warps": 4, "BLOCK_K": 8}, pdl=True) == {"num_warps": 4, "launch_pdl": True}
+    assert _launch({"num_warps": 4}) == {"num_warps": 4}
 
 
 AUX_FREE = {"gate": "sigmoid", "aux_loss_coef": 0.0, "bias_update_rate": 1e-3}

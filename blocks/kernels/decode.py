@@ -11,6 +11,15 @@ microseconds whatever it reads. These kernels fold the steps of one block that r
   expert_down_residual_  residual_t += sum_k g_tk a_tk @ w_out[e_tk]
   gated_glu              a_t = [g_te glu(up_et)]_e               (from one slot per expert: every expert's GLU
                                                                   output scaled by the gate weights)
+  x_proj_split_k         parts[s] = x[:, K_s] @ W_x[:, K_s]^T      (x_proj in fp32 partial sums over slices K_s
+                                                                  of the inputs: ~100 programs, not 13)
+  dt_proj_ssm_step       (dt_low, B, C) = sum_s parts[s]; dt = dt_low @ W_dt^T; the SSM update and gate
+                                                                  (blocks.kernels.ssm_step's math)
+
+On Hopper and later GPUs the kernels are launched with programmatic dependent launch (PDL): each one lets the
+next start as soon as all its programs are running, and the next loads its weights (which no kernel of a step
+writes) before it waits for its predecessor's results with gdc_wait. Inside a CUDA graph this hides most of a
+launch's gap behind the kernel before it; nothing is read or written that a predecessor produces before the wait.
 
 Their PyTorch twins are the modules' own steps (blocks.model.MixerBlock.step, MLPBlock.step): the reference
 functions at the end of this file spell out the same math with torch ops, and the tests compare the two.
@@ -23,6 +32,8 @@ compile-time constants for that reason; a model has one or two of them.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -33,6 +44,41 @@ from blocks.kernels import interpreting
 from blocks.kernels.glu import glu_gate
 from blocks.mlp import glu_activation
 from blocks.moe_decode import gated_glu_torch
+
+
+PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks toggle it)
+
+
+@functools.cache
+def _gdc_supported(device_index: int) -> bool:
+    """Triton can launch with PDL (launch_pdl, gdc_wait) and the GPU is sm90 or later."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        import triton.language.extra.cuda as tl_cuda
+    except ImportError:
+        return False
+    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
+    return ("launch_pdl" in fields and hasattr(tl_cuda, "gdc_wait")
+            and torch.cuda.get_device_capability(device_index)[0] >= 9)
+
+
+def _pdl(t: Tensor) -> bool:
+    """Whether kernels on t's device run with PDL (never under the interpreter)."""
+    return PDL and t.is_cuda and not interpreting() and _gdc_supported(t.device.index or 0)
+
+
+@triton.jit
+def _gdc_start(PDL: tl.constexpr):
+    """Let the next kernel launch now: its programs only load weights until they pass _gdc_wait."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _gdc_wait(PDL: tl.constexpr):
+    """Wait until the kernel before this one has finished and its writes are visible."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 def _block_m(rows: int) -> int:
@@ -54,6 +100,8 @@ TILES = {
     "gate": {"row": (0, 2048, 8)},
     "expert_up": {"row": (32, 1024, 8)},
     "expert_down": {"row": (16, 2048, 4)},
+    "x_proj": {"row": (8, 256, 2)},  # BLOCK_K is the width of one slice K_s of the inputs
+    "ssm": {"row": (16, 0, 2)},  # BLOCK_N channels a program
 }
 
 
@@ -71,45 +119,59 @@ def _tiles(rows: int, kernel: str) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
-def _launch(tiles: dict) -> dict:
+def _launch(tiles: dict, pdl: bool = False) -> dict:
     """The launch settings among _tiles' entries (none under the interpreter), for kernels that take their
-    block sizes under their own names."""
-    return {k: tiles[k] for k in ("num_warps", "num_stages") if k in tiles}
+    block sizes under their own names; launch_pdl with PDL."""
+    return {k: tiles[k] for k in ("num_warps", "num_stages") if k in tiles} | ({"launch_pdl": True} if pdl else {})
 
 
 @triton.jit
-def _load_block(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, k0, s_rm, s_wn, s_wk,
-                Dm: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_w(w_ptr, n, n_ok, k0, s_wn, s_wk, Dm: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The weight block (BLOCK_N, BLOCK_K) of inputs k0 .. k0 + BLOCK_K."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + n[:, None] * s_wn + kk[None, :] * s_wk, mask=n_ok[:, None] & (kk < Dm)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_x(res_ptr, nw_ptr, m, m_ok, k0, s_rm, Dm: tl.constexpr, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
     """Inputs k0 .. k0 + BLOCK_K: x (BLOCK_M, BLOCK_K) fp32 (times nw, and its rows' sums of squares, with
-    NORM; zeros without) and the weight block (BLOCK_N, BLOCK_K)."""
+    NORM; zeros without)."""
     kk = k0 + tl.arange(0, BLOCK_K)
     k_ok = kk < Dm
     x = tl.load(res_ptr + m[:, None] * s_rm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + n[:, None] * s_wn + kk[None, :] * s_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
     if NORM:
         ss = tl.sum(x * x, 1)
         x = x * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     else:
         ss = tl.zeros([x.shape[0]], dtype=tl.float32)
-    return x, ss, w
+    return x, ss
 
 
 @triton.jit
 def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
-                    Dm: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+                    Dm: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(x * nw) @ W^T over the Dm inputs (x the rows at res_ptr; nw = 1 without NORM), and each row's
-    sum of squares of x: one pass, so RMSNorm's 1/rms scales the result afterwards (it is one number a row)."""
+    sum of squares of x: one pass, so RMSNorm's 1/rms scales the result afterwards (it is one number a row).
+    Waits for the previous kernel (PDL) before reading x; at one row, after loading the first weight block."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     if BLOCK_M == 1:  # unrolled, fp32 products
+        w_first = _load_w(w_ptr, n, n_ok, 0, s_wn, s_wk, Dm, BLOCK_K)
+        _gdc_wait(PDL)
         for k0 in tl.static_range(0, Dm, BLOCK_K):
-            x, ss_k, w = _load_block(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, k0, s_rm, s_wn, s_wk, Dm, NORM, BLOCK_K)
+            if k0 == 0:
+                w = w_first
+            else:
+                w = _load_w(w_ptr, n, n_ok, k0, s_wn, s_wk, Dm, BLOCK_K)
+            x, ss_k = _load_x(res_ptr, nw_ptr, m, m_ok, k0, s_rm, Dm, NORM, BLOCK_K)
             ss += ss_k
             acc += tl.sum(w.to(tl.float32) * x, 1)[None, :]
     else:  # tl.dot on the weights' dtype, a pipelined loop
+        _gdc_wait(PDL)
         for k0 in range(0, Dm, BLOCK_K):
-            x, ss_k, w = _load_block(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, k0, s_rm, s_wn, s_wk, Dm, NORM, BLOCK_K)
+            w = _load_w(w_ptr, n, n_ok, k0, s_wn, s_wk, Dm, BLOCK_K)
+            x, ss_k = _load_x(res_ptr, nw_ptr, m, m_ok, k0, s_rm, Dm, NORM, BLOCK_K)
             ss += ss_k
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PREC)
     return acc, ss
@@ -119,15 +181,16 @@ def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
 def _norm_in_conv_kernel(
     res_ptr, nw_ptr, w_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, z_ptr, M, E, eps,
     s_rm, s_wn, s_wk, s_csb, s_csc, s_csk, s_cwc, s_cwk, s_xm, s_zm,
-    Dm: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr, PREC: tl.constexpr,
+    Dm: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    _gdc_start(PDL)
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < 2 * E
     acc, ss = _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
-                              Dm, True, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                              Dm, True, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
     acc *= (1.0 / tl.sqrt(ss / Dm + eps))[:, None]
     # x half (n < E): shift x into the conv state and convolve; z half: stored for the SSM's gate
     is_x = n < E
@@ -159,12 +222,13 @@ def norm_in_proj_conv(
     E = w_in.shape[0] // 2
     x = torch.empty(M, E, device=res_MD.device, dtype=w_in.dtype)
     z = torch.empty_like(x)
-    tiles = _tiles(M, "in_proj")
+    tiles, pdl = _tiles(M, "in_proj"), _pdl(res_MD)
     grid = (triton.cdiv(2 * E, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]))
     _norm_in_conv_kernel[grid](
         res_MD, norm_w, w_in, conv_state, conv_w, conv_b, x, z, M, E, eps,
         res_MD.stride(0), *w_in.stride(), *conv_state.stride(), *conv_w.stride(), x.stride(0), z.stride(0),
-        Dm=Dm, KC=conv_w.shape[1], HAS_CB=conv_b is not None, PREC=_dot_precision(w_in.dtype), **tiles,
+        Dm=Dm, KC=conv_w.shape[1], HAS_CB=conv_b is not None, PREC=_dot_precision(w_in.dtype), PDL=pdl,
+        **tiles, **_launch({}, pdl),
     )
     return x, z
 
@@ -172,14 +236,16 @@ def norm_in_proj_conv(
 @triton.jit
 def _linear_residual_kernel(
     x_ptr, w_ptr, res_ptr, M, N, s_xm, s_wn, s_wk, s_rm,
-    Kd: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    Kd: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    _gdc_start(PDL)
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
     acc, _ = _row_normed_dot(x_ptr, x_ptr, w_ptr, m, m_ok, n, n_ok, s_xm, s_wn, s_wk,
-                             Kd, False, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                             Kd, False, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
     ptrs = res_ptr + m[:, None] * s_rm + n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
@@ -189,10 +255,10 @@ def linear_residual_(res_MN: Tensor, x_MK: Tensor, w_NK: Tensor) -> Tensor:
     """res += x @ w^T in place (res fp32 (M, N), w an nn.Linear weight (N, K) without bias); returns res."""
     M, Kd = x_MK.shape
     N = w_NK.shape[0]
-    tiles = _tiles(M, "out_proj")
+    tiles, pdl = _tiles(M, "out_proj"), _pdl(res_MN)
     _linear_residual_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]))](
         x_MK, w_NK, res_MN, M, N, x_MK.stride(0), *w_NK.stride(), res_MN.stride(0),
-        Kd=Kd, PREC=_dot_precision(w_NK.dtype), **tiles,
+        Kd=Kd, PREC=_dot_precision(w_NK.dtype), PDL=pdl, **tiles, **_launch({}, pdl),
     )
     return res_MN
 
@@ -200,15 +266,18 @@ def linear_residual_(res_MN: Tensor, x_MK: Tensor, w_NK: Tensor) -> Tensor:
 @triton.jit
 def _norm_gate_kernel(
     res_ptr, nw_ptr, g_ptr, gb_ptr, h_ptr, logit_ptr, ids_ptr, wt_ptr, NE, eps, s_rm, s_gn, s_gk, s_hm, s_lm,
-    Dm: tl.constexpr, HAS_GB: tl.constexpr, ROUTE: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    Dm: tl.constexpr, HAS_GB: tl.constexpr, ROUTE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program per row: writes its normed h and its router logits, fp32 products of the rounded h (what
     the module's fp32 gate sees). Two unrolled passes: the sum of squares, then h and the logits.
     ROUTE 1 or 2: also the top-1 expert and its gate weight, sigmoid of its logit (1) or its softmax
     probability over all experts (2)."""
+    _gdc_start(PDL)
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < NE
+    _gdc_wait(PDL)  # everything it reads but the small gate comes from the kernels before it
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in tl.static_range(0, Dm, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -255,12 +324,12 @@ def norm_gate(
     route = 0 if top1_gate is None else ROUTES[top1_gate]
     ids = torch.empty(M, 1, device=res_MD.device, dtype=torch.int64) if route else None
     weights = torch.empty(M, 1, device=res_MD.device, dtype=torch.float32) if route else None
-    tiles = _tiles(1, "gate")
+    tiles, pdl = _tiles(1, "gate"), _pdl(res_MD)
     _norm_gate_kernel[(M,)](
         res_MD, norm_w, gate_w, gate_b, h, logits, ids, weights, NE, eps,
         res_MD.stride(0), *gate_w.stride(), h.stride(0), logits.stride(0),
-        Dm=Dm, HAS_GB=gate_b is not None, ROUTE=route, BLOCK_E=triton.next_power_of_2(NE), BLOCK_K=tiles["BLOCK_K"],
-        **_launch(tiles),
+        Dm=Dm, HAS_GB=gate_b is not None, ROUTE=route, PDL=pdl, BLOCK_E=triton.next_power_of_2(NE),
+        BLOCK_K=tiles["BLOCK_K"], **_launch(tiles, pdl),
     )
     return (h, logits) if not route else (h, logits, ids, weights)
 
@@ -268,10 +337,12 @@ def norm_gate(
 @triton.jit
 def _expert_up_kernel(
     h_ptr, ids_ptr, w_ptr, a_ptr, F, K, s_hm, s_we, s_wd, s_wf, s_am,
-    Dm: tl.constexpr, GEGLU: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    Dm: tl.constexpr, GEGLU: tl.constexpr, PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    _gdc_start(PDL)
     pid_f, s = tl.program_id(0), tl.program_id(1)
     t = s // K
+    _gdc_wait(PDL)  # which expert's weights to read is the router's result
     ex = tl.load(ids_ptr + s).to(tl.int64)
     f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
@@ -297,12 +368,12 @@ def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -
     K = ids_TK.shape[1]
     F2 = w_in.shape[2]
     a = torch.empty(T * K, F2 // 2, device=h_TD.device, dtype=w_in.dtype)
-    tiles = _tiles(1, "expert_up")
+    tiles, pdl = _tiles(1, "expert_up"), _pdl(h_TD)
     ids = ids_TK.reshape(-1).contiguous()
     _expert_up_kernel[(triton.cdiv(F2 // 2, tiles["BLOCK_N"]), T * K)](
         h_TD, ids, w_in, a, F2 // 2, K, h_TD.stride(0), *w_in.stride(), a.stride(0),
-        Dm=Dm, GEGLU=activation == "geglu", BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
-        **_launch(tiles),
+        Dm=Dm, GEGLU=activation == "geglu", PDL=pdl, BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
+        **_launch(tiles, pdl),
     )
     return a
 
@@ -310,12 +381,14 @@ def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -
 @triton.jit
 def _expert_down_kernel(
     a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
-    F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    F: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
+    _gdc_start(PDL)
     pid_n, t = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < Dm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    _gdc_wait(PDL)  # the experts, their gate weights and the activations all come from the kernels before
     for j in range(K):  # the token's slots in order: the sum is deterministic
         s = t * K + j
         ex = tl.load(ids_ptr + s).to(tl.int64)
@@ -336,11 +409,11 @@ def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_
     """res_t += sum_k weights[t, k] * a_{tk} @ w_out[ids[t, k]] in place (fp32); w_out (E, F, D). Returns res."""
     T, K = ids_TK.shape
     F, Dm = w_out.shape[1:]
-    tiles = _tiles(1, "expert_down")
+    tiles, pdl = _tiles(1, "expert_down"), _pdl(res_TD)
     _expert_down_kernel[(triton.cdiv(Dm, tiles["BLOCK_N"]), T)](
         a_SF, ids_TK.reshape(-1).contiguous(), weights_TK.float().reshape(-1).contiguous(), w_out, res_TD,
-        Dm, K, a_SF.stride(0), *w_out.stride(), res_TD.stride(0), F=F, BLOCK_N=tiles["BLOCK_N"],
-        BLOCK_F=tiles["BLOCK_K"], **_launch(tiles),
+        Dm, K, a_SF.stride(0), *w_out.stride(), res_TD.stride(0), F=F, PDL=pdl, BLOCK_N=tiles["BLOCK_N"],
+        BLOCK_F=tiles["BLOCK_K"], **_launch(tiles, pdl),
     )
     return res_TD
 
@@ -382,6 +455,105 @@ def gated_glu(up_ETH: Tensor, ids_TK: Tensor, weights_TK: Tensor, activation: st
     return a
 
 
+@triton.jit
+def _x_proj_split_k_kernel(
+    x_ptr, w_ptr, part_ptr, NX, s_xm, s_wn, s_wk, s_ps, s_pm,
+    Kd: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    _gdc_start(PDL)
+    pid_n, sl, m = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < NX
+    w = _load_w(w_ptr, n, n_ok, sl * BLOCK_K, s_wn, s_wk, Kd, BLOCK_K)  # all of the program's weights
+    _gdc_wait(PDL)
+    kk = sl * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + m * s_xm + kk, mask=kk < Kd, other=0.0).to(tl.float32)
+    part = tl.sum(w.to(tl.float32) * x[None, :], 1)
+    tl.store(part_ptr + sl * s_ps + m * s_pm + n, part, mask=n_ok)
+
+
+def x_proj_split_k(x_ME: Tensor, w_x: Tensor) -> Tensor:
+    """parts (S, M, NX) fp32 with sum_s parts[s] = x @ w_x^T: slice s holds the products over inputs
+    s*BLOCK_K .. (s+1)*BLOCK_K. A projection to a hundred outputs from thousands of inputs has too few output
+    blocks to keep the GPU's loads in flight; slicing the inputs gives it S times as many programs, and the
+    kernel that reads the result (dt_proj_ssm_step) sums the S slices, in a fixed order."""
+    M, Kd = x_ME.shape
+    NX = w_x.shape[0]
+    tiles, pdl = _tiles(1, "x_proj"), _pdl(x_ME)
+    S = triton.cdiv(Kd, tiles["BLOCK_K"])
+    parts = torch.empty(S, M, NX, device=x_ME.device, dtype=torch.float32)
+    _x_proj_split_k_kernel[(triton.cdiv(NX, tiles["BLOCK_N"]), S, M)](
+        x_ME, w_x, parts, NX, x_ME.stride(0), *w_x.stride(), parts.stride(0), parts.stride(1),
+        Kd=Kd, PDL=pdl, BLOCK_N=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], **_launch(tiles, pdl),
+    )
+    return parts
+
+
+@triton.jit
+def _dt_proj_ssm_step_kernel(
+    part_ptr, wdt_ptr, bias_ptr, A_ptr, D_ptr, state_ptr, x_ptr, z_ptr, y_ptr, S, DIM,
+    s_ps, s_pm, s_wd, s_wr, s_Ad, s_An, s_hb, s_hd, s_hn, s_xm, s_zm, s_ym,
+    R: tl.constexpr, N: tl.constexpr, SP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    _gdc_start(PDL)
+    pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    r, n, sl = tl.arange(0, RP), tl.arange(0, NP), tl.arange(0, SP)
+    d_ok, r_ok, n_ok, s_ok = d < DIM, r < R, n < N, sl < S
+    dn_ok = d_ok[:, None] & n_ok[None, :]
+    # the parameters first: no kernel of the step writes them
+    w_dt = tl.load(wdt_ptr + d[:, None] * s_wd + r[None, :] * s_wr, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+    A = -tl.exp(tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=dn_ok, other=0.0).to(tl.float32))
+    _gdc_wait(PDL)
+    # x_proj's output (dt_low, B, C) as the sum of its slices
+    rows = part_ptr + sl[:, None] * s_ps + b * s_pm
+    dt_low = tl.sum(tl.load(rows + r[None, :], mask=s_ok[:, None] & r_ok[None, :], other=0.0), 0)
+    Bv = tl.sum(tl.load(rows + R + n[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0), 0)
+    Cv = tl.sum(tl.load(rows + R + N + n[None, :], mask=s_ok[:, None] & n_ok[None, :], other=0.0), 0)
+    dt = tl.sum(w_dt.to(tl.float32) * dt_low[None, :], 1)  # dt_proj for this program's channels
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # softplus
+    x = tl.load(x_ptr + b * s_xm + d, mask=d_ok, other=0.0).to(tl.float32)
+    h_ptrs = state_ptr + b * s_hb + d[:, None] * s_hd + n[None, :] * s_hn
+    h = tl.exp(dt[:, None] * A) * tl.load(h_ptrs, mask=dn_ok, other=0.0) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(h_ptrs, h, mask=dn_ok)
+    y = tl.sum(h * Cv[None, :], 1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b * s_zm + d, mask=d_ok, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(y_ptr + b * s_ym + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+
+
+def dt_proj_ssm_step(
+    parts: Tensor, dt_w: Tensor, dt_bias: Tensor | None, A_log: Tensor, D: Tensor | None,
+    state: Tensor, x: Tensor, z: Tensor | None,
+) -> Tensor:
+    """y (M, E) in x's dtype, the state (M, E, N) fp32 advanced in place: with (dt_low, B, C) = sum_s parts[s]
+    (x_proj_split_k's slices; R + 2N columns), dt = softplus(dt_low @ dt_w^T + dt_bias) and A = -exp(A_log),
+    the update of blocks.kernels.ssm_step (h <- exp(dt A) h + dt x B, y = (C . h + D x) * silu(z))."""
+    if state.dtype != torch.float32:
+        raise ValueError(f"the SSM state must be fp32, got {state.dtype}")
+    S, M, _ = parts.shape
+    DIM, R = dt_w.shape
+    N = state.shape[2]
+    y = torch.empty_like(x)
+    tiles, pdl = _tiles(1, "ssm"), _pdl(x)
+    block_d = 4 if interpreting() else tiles["BLOCK_N"]
+    _dt_proj_ssm_step_kernel[(triton.cdiv(DIM, block_d), M)](
+        parts, dt_w, dt_bias, A_log, D, state, x, z, y, S, DIM,
+        parts.stride(0), parts.stride(1), *dt_w.stride(), *A_log.stride(), *state.stride(),
+        x.stride(0), 0 if z is None else z.stride(0), y.stride(0),
+        R=R, N=N, SP=triton.next_power_of_2(S), RP=triton.next_power_of_2(R), NP=triton.next_power_of_2(N),
+        HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, PDL=pdl, BLOCK_D=block_d,
+        **_launch(tiles, pdl),
+    )
+    return y
+
+
 # ---- PyTorch twins: the same math with torch ops, what the kernels are tested against ----
 
 gated_glu_ref = gated_glu_torch  # the dense decoding path's own torch function (blocks.moe_decode)
@@ -421,3 +593,13 @@ def expert_down_residual_ref_(res_TD, a_SF, ids_TK, weights_TK, w_out):
     T, K = ids_TK.shape
     y_SD = torch.bmm(a_SF.float()[:, None], w_out[ids_TK.reshape(-1)].float())[:, 0]
     return res_TD.add_((y_SD.view(T, K, -1) * weights_TK.float()[..., None]).sum(1))
+
+
+def dt_proj_ssm_step_ref(parts, dt_w, dt_bias, A_log, D, state, x, z):
+    from blocks.scan import selective_state_step
+
+    dbc = parts.sum(0)
+    R, N = dt_w.shape[1], state.shape[2]
+    dt = dbc[:, :R] @ dt_w.float().T
+    return selective_state_step(state, x, dt, -torch.exp(A_log.float()), dbc[:, R:R + N], dbc[:, R + N:],
+                                D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
