@@ -12,6 +12,7 @@ mamba_ssm.modules.mamba_simple.Mamba. Each section runs on its own, so one failu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from triton.testing import do_bench as _do_bench  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from blocks.conv import causal_conv1d  # noqa: E402
 from blocks.kernels.causal_conv1d import causal_conv1d_triton  # noqa: E402
+from blocks.kernels import selective_scan as selective_scan_module  # noqa: E402
 from blocks.kernels.selective_scan import LAUNCHED, ScanTiles, default_tiles, selective_scan_triton  # noqa: E402
 from blocks.mamba import Mamba, MambaConfig  # noqa: E402
 from blocks.scan import selective_scan_chunked  # noqa: E402
@@ -278,21 +280,24 @@ def tile_sweep():
                 log(f"  fwd chunk {fc:3d} block_d {fb:3d} warps {fw}, {name:11s}: {ms:.3f} ms  ({regs} registers, {spills} spills)")
             except Exception as e:  # noqa: BLE001
                 log(f"  fwd {tiles} {name} failed: {type(e).__name__}: {str(e)[:200]}")
-    # the backward's variants: (chunk, block_d, warps, prefetch the next chunk, fp32 copies of B and C),
-    # each timed on contiguous inputs and on the mixer's strided views, with the compiled kernel's registers
-    bwd_variants = [(8, 8, 1, True, True), (8, 8, 1, True, False), (8, 8, 1, False, False), (16, 8, 1, True, True),
-                    (4, 8, 1, False, True), (8, 4, 1, True, True), (16, 4, 1, True, True), (8, 16, 2, True, True)]
+    # the backward's variants: (chunk, block_d, warps, prefetch the next chunk, fp32 copies of B and C, dB and
+    # dC by atomic adds), each timed on contiguous inputs and on the mixer's strided views, with the compiled
+    # kernel's registers
+    bwd_variants = [(8, 8, 1, True, False, False), (8, 8, 1, True, False, True), (8, 16, 1, True, False, True),
+                    (8, 4, 1, True, False, True), (8, 8, 1, False, False, True), (8, 8, 1, True, True, False),
+                    (16, 8, 1, True, False, True)]
     if SMOKE:
         bwd_variants = bwd_variants[:2]
-    for bc, bb, bw, pf, b32 in bwd_variants:
-        tiles = ScanTiles(min(bc, 8), 16, 1, bc, bb, bw, pf, b32)
+    for bc, bb, bw, pf, b32, atomic in bwd_variants:
+        tiles = ScanTiles(min(bc, 8), 16, 1, bc, bb, bw, pf, b32, atomic)
         for name, x in layouts.items():
             try:
                 run = fwd_bwd(lambda **k: selective_scan_triton(**k, delta_softplus=True, tiles=tiles), x, GRAD_NAMES)
                 ms = do_bench(run, return_mode="median")
                 regs, spills = registers("bwd")
                 results["sweep"].append(dict(pass_="fwd+bwd", tiles=list(tiles), layout=name, ms=ms, regs=regs, spills=spills))
-                log(f"  fwd+bwd, bwd chunk {bc} block_d {bb:2d} warps {bw} prefetch {pf:d} fp32 B,C {b32:d}, {name:11s}: "
+                log(f"  fwd+bwd, bwd chunk {bc} block_d {bb:2d} warps {bw} prefetch {pf:d} fp32 B,C {b32:d} "
+                    f"atomic dB,dC {atomic:d}, {name:11s}: "
                     f"{ms:.3f} ms  (bwd kernel {regs} registers, {spills} spills)")
             except Exception as e:  # noqa: BLE001
                 log(f"  bwd {tiles} {name} failed: {type(e).__name__}: {str(e)[:200]}")
@@ -322,6 +327,17 @@ def conv_timings():
             log(f"  {impl} failed: {type(e).__name__}: {str(e)[:300]}")
 
 
+@contextlib.contextmanager
+def default_tiles_with(**changes):
+    """The scan's default tiles with some fields changed, for a module that takes the defaults."""
+    original = selective_scan_module.default_tiles
+    selective_scan_module.default_tiles = lambda *a: original(*a)._replace(**changes)
+    try:
+        yield
+    finally:
+        selective_scan_module.default_tiles = original
+
+
 @section
 def mixer_timings():
     """The whole mixer (in_proj, conv, x_proj, dt_proj, scan, out_proj), fwd+bwd, bf16, B 8 x L 2048."""
@@ -329,6 +345,7 @@ def mixer_timings():
         x = torch.randn(*((8, 2048) if not SMOKE else (2, 37)), d_model, device=dev, dtype=bf16, requires_grad=True)
         g = torch.randn_like(x)
         mixers = [(f"ours backend={b}", Mamba(d_model, MambaConfig(backend=b))) for b in ("triton", "torch")]
+        mixers.insert(1, ("ours backend=triton, atomic dB,dC", Mamba(d_model, MambaConfig(backend="triton"))))
         if selective_scan_fn is not None:
             from mamba_ssm.modules.mamba_simple import Mamba as MambaSSM
 
@@ -341,10 +358,11 @@ def mixer_timings():
             m = m.to(dev, bf16)
             rep = 20 if "torch" in label else 100
             try:
-                with torch.no_grad():
-                    timeit(f"{label} fwd", lambda: m(x), rep=rep, shape=f"mixer d{d_model}", impl=label, pass_="fwd")
-                timeit(f"{label} fwd+bwd", lambda: torch.autograd.grad(m(x), [x, *m.parameters()], g), rep=rep,
-                       shape=f"mixer d{d_model}", impl=label, pass_="fwd+bwd")
+                with default_tiles_with(bc_atomic=True) if "atomic" in label else contextlib.nullcontext():
+                    with torch.no_grad():
+                        timeit(f"{label} fwd", lambda: m(x), rep=rep, shape=f"mixer d{d_model}", impl=label, pass_="fwd")
+                    timeit(f"{label} fwd+bwd", lambda: torch.autograd.grad(m(x), [x, *m.parameters()], g), rep=rep,
+                           shape=f"mixer d{d_model}", impl=label, pass_="fwd+bwd")
             except Exception as e:  # noqa: BLE001
                 results["errors"].append(f"mixer {label}: {type(e).__name__}: {str(e)[:300]}")
                 log(f"  {label} failed: {type(e).__name__}: {str(e)[:300]}")

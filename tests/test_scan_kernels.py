@@ -42,11 +42,12 @@ def test_scan_matches_ref(length, with_extras):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("prefetch,bc_fp32", [(False, False), (True, True)])
-def test_scan_backward_variants_match_ref(prefetch, bc_fp32):
-    # the backward without its one-chunk-ahead loads, and with fp32 copies of B and C
+@pytest.mark.parametrize("prefetch,bc_fp32,bc_atomic", [(False, False, False), (True, True, False), (True, False, True)])
+def test_scan_backward_variants_match_ref(prefetch, bc_fp32, bc_atomic):
+    # the backward without its one-chunk-ahead loads, with fp32 copies of B and C, with dB and dC summed over
+    # the channel blocks (two of them here) by atomic adds
     inputs = scan_inputs(batch=2, d_inner=5, d_state=3, length=13, seed=21)
-    tiles = TILES._replace(bwd_prefetch=prefetch, bc_fp32=bc_fp32)
+    tiles = TILES._replace(bwd_prefetch=prefetch, bc_fp32=bc_fp32, bc_atomic=bc_atomic)
     expected = run_scan(selective_scan_ref, inputs, True)
     got = run_scan(selective_scan_triton, inputs, True, tiles=tiles)
     for name, g, e in zip(["y", "last"] + NAMES, got, expected):

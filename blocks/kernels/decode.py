@@ -16,9 +16,9 @@ microseconds whatever it reads. These kernels fold the steps of one block that r
   dt_proj_ssm_step       (dt_low, B, C) = sum_s parts[s]; dt = dt_low @ W_dt^T; the SSM update and gate
                                                                   (blocks.kernels.ssm_step's math)
 
-On Hopper and later GPUs the kernels are launched with programmatic dependent launch (PDL): each one lets the
-next start as soon as all its programs are running, and the next loads its weights (which no kernel of a step
-writes) before it waits for its predecessor's results with gdc_wait. Inside a CUDA graph this hides most of a
+On Hopper and later GPUs the kernels are launched with programmatic dependent launch (PDL): once all programs
+of a kernel have their inputs (past gdc_wait), the next kernel may start, and it loads its weights (which no
+kernel of a step writes) before it waits for its predecessor's results in turn. Inside a CUDA graph this hides most of a
 launch's gap behind the kernel before it; nothing is read or written that a predecessor produces before the wait.
 
 Their PyTorch twins are the modules' own steps (blocks.model.MixerBlock.step, MLPBlock.step): the reference
@@ -68,17 +68,13 @@ def _pdl(t: Tensor) -> bool:
 
 
 @triton.jit
-def _gdc_start(PDL: tl.constexpr):
-    """Let the next kernel launch now: its programs only load weights until they pass _gdc_wait."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _gdc_wait(PDL: tl.constexpr):
-    """Wait until the kernel before this one has finished and its writes are visible."""
+    """Wait until the kernel before this one has finished and its writes are visible; then let the next
+    kernel launch (its programs only load weights until they pass their own wait). Letting it launch from
+    the start instead would cascade: every PDL kernel of the step could be resident at once."""
     if PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def _block_m(rows: int) -> int:
@@ -184,7 +180,6 @@ def _norm_in_conv_kernel(
     Dm: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _gdc_start(PDL)
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,7 +234,6 @@ def _linear_residual_kernel(
     Kd: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _gdc_start(PDL)
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -273,7 +267,6 @@ def _norm_gate_kernel(
     the module's fp32 gate sees). Two unrolled passes: the sum of squares, then h and the logits.
     ROUTE 1 or 2: also the top-1 expert and its gate weight, sigmoid of its logit (1) or its softmax
     probability over all experts (2)."""
-    _gdc_start(PDL)
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < NE
@@ -339,7 +332,6 @@ def _expert_up_kernel(
     h_ptr, ids_ptr, w_ptr, a_ptr, F, K, s_hm, s_we, s_wd, s_wf, s_am,
     Dm: tl.constexpr, GEGLU: tl.constexpr, PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _gdc_start(PDL)
     pid_f, s = tl.program_id(0), tl.program_id(1)
     t = s // K
     _gdc_wait(PDL)  # which expert's weights to read is the router's result
@@ -383,7 +375,6 @@ def _expert_down_kernel(
     a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
     F: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    _gdc_start(PDL)
     pid_n, t = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < Dm
@@ -460,7 +451,6 @@ def _x_proj_split_k_kernel(
     x_ptr, w_ptr, part_ptr, NX, s_xm, s_wn, s_wk, s_ps, s_pm,
     Kd: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _gdc_start(PDL)
     pid_n, sl, m = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < NX
@@ -496,7 +486,6 @@ def _dt_proj_ssm_step_kernel(
     R: tl.constexpr, N: tl.constexpr, SP: tl.constexpr, RP: tl.constexpr, NP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _gdc_start(PDL)
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     r, n, sl = tl.arange(0, RP), tl.arange(0, NP), tl.arange(0, SP)

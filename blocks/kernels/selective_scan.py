@@ -184,6 +184,16 @@ def _scan_fwd_kernel(
 
 
 @triton.jit
+def _store_bc(ptrs, vals, mask, ATOMIC: tl.constexpr):
+    """A channel block's share of dB or dC: its own partial row, or added into the shared sum (the order of
+    the adds varies between runs: not bitwise deterministic)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, vals, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, vals, mask=mask)
+
+
+@triton.jit
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dy_ptr, dlast_ptr, states_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr,
@@ -194,9 +204,11 @@ def _scan_bwd_kernel(
     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, STATE_EVERY: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_DLAST: tl.constexpr, WANT_DH0: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
+    ATOMIC_BC: tl.constexpr,
 ):
     """Gradients of one (batch, channel block). du, ddelta, dz: (B, D, L), any strides; fp32 partials
-    dA (B, D, N), dD and dbias (B, D), dB and dC (B, n_blocks, N, L); dh0 (B, D, N)."""
+    dA (B, D, N), dD and dbias (B, D), dB and dC (B, n_blocks, N, L), or with ATOMIC_BC dB and dC
+    (B, 1, N, L) summed over the channel blocks by atomic adds; dh0 (B, D, N)."""
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     n_blocks = tl.num_programs(0)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -226,7 +238,10 @@ def _scan_bwd_kernel(
     C_ptr += b * s_Cb
     du_ptr += b * s_dub
     ddelta_ptr += b * s_ddb
-    part_offs = ((b * n_blocks + pid_d) * N + n[None, :]) * L  # (1, N): dB, dC partials (B, n_blocks, N, L)
+    if ATOMIC_BC:  # (1, N): dB, dC (B, 1, N, L), every channel block adding into them
+        part_offs = (b * N + n[None, :]) * L
+    else:  # (1, N): dB, dC partials (B, n_blocks, N, L)
+        part_offs = ((b * n_blocks + pid_d) * N + n[None, :]) * L
     states_ptr += b * n_saved * DIM * N
     if PREFETCH:  # the next chunk's tiles load while this one computes: latency hidden, registers doubled
         nxt = _bwd_loads(u_ptr, delta_ptr, B_ptr, C_ptr, z_ptr, dy_ptr, states_ptr, n_chunks - 1, t, d, n, L,
@@ -272,7 +287,7 @@ def _scan_bwd_kernel(
             dD += tl.sum(gy * u, 0)
         else:
             du = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
-        tl.store(dC_ptr + part_offs + l[:, None], tl.sum(hs * gy[:, None, :], 2), mask=tn_ok)
+        _store_bc(dC_ptr + part_offs + l[:, None], tl.sum(hs * gy[:, None, :], 2), tn_ok, ATOMIC_BC)
 
         # adjoint states g_t = C_t gy_t + a_{t+1} g_{t+1}, right to left, continuing from the chunk to the right:
         # a forward scan of the time-reversed chunk (flips within a thread's registers cost nothing, whereas
@@ -285,7 +300,7 @@ def _scan_bwd_kernel(
 
         gB = tl.sum(gs * Bt[:, :, None], 1)  # (CHUNK, BLOCK_D)
         du += dt * gB
-        tl.store(dB_ptr + part_offs + l[:, None], tl.sum(gs * dtu[:, None, :], 2), mask=tn_ok)
+        _store_bc(dB_ptr + part_offs + l[:, None], tl.sum(gs * dtu[:, None, :], 2), tn_ok, ATOMIC_BC)
         w = gs * (hs - dtu[:, None, :] * Bt[:, :, None])  # d loss / d(delta_t A), (CHUNK, N, BLOCK_D)
         ddt = u * gB + tl.sum(w * A[None, :, :], 1)
         dA += tl.sum(w * dt[:, None, :], 0)
@@ -319,6 +334,7 @@ class ScanTiles(NamedTuple):
     bwd_warps: int
     bwd_prefetch: bool = True  # load the next chunk while computing this one
     bc_fp32: bool = False  # hand the kernels fp32 copies of B and C (measured no faster, and two more copies)
+    bc_atomic: bool = False  # dB, dC summed over channel blocks by atomic adds, not (B, blocks, N, L) partials
 
 
 def default_tiles(d_state: int, batch_channels: int) -> ScanTiles:
@@ -399,8 +415,10 @@ def scan_backward(
     dA = torch.empty(Bsz, DIM, N, **f32)
     dD = torch.empty(Bsz, DIM, **f32) if D is not None else None
     dbias = torch.empty(Bsz, DIM, **f32) if delta_bias is not None else None
-    dB = torch.empty(Bsz, n_blocks, N, L, **f32)
-    dC = torch.empty(Bsz, n_blocks, N, L, **f32)
+    parts = 1 if tiles.bc_atomic else n_blocks
+    alloc = torch.zeros if tiles.bc_atomic else torch.empty
+    dB = alloc(Bsz, parts, N, L, **f32)
+    dC = alloc(Bsz, parts, N, L, **f32)
     dh0 = torch.empty(Bsz, DIM, N, **f32) if want_dh0 else None
     dlast = None if dlast is None else dlast.float().contiguous()
     handle = _scan_bwd_kernel[(n_blocks, Bsz)](
@@ -413,12 +431,13 @@ def scan_backward(
         N=N, NP=triton.next_power_of_2(N), BLOCK_D=tiles.bwd_block_d, CHUNK=tiles.bwd_chunk, STATE_EVERY=tiles.bwd_chunk // tiles.fwd_chunk,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast is not None, WANT_DH0=want_dh0, FAST=not interpreting(), PREFETCH=tiles.bwd_prefetch,
-        num_warps=tiles.bwd_warps,
+        ATOMIC_BC=tiles.bc_atomic, num_warps=tiles.bwd_warps,
     )
     LAUNCHED["bwd"] = handle
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return (
-        du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1), B), cast(dC.sum(1), C),
+        du, ddelta, cast(dA.sum(0), A), cast(dB.sum(1) if parts > 1 else dB[:, 0], B),
+        cast(dC.sum(1) if parts > 1 else dC[:, 0], C),
         None if D is None else cast(dD.sum(0), D), dz,
         None if delta_bias is None else cast(dbias.sum(0), delta_bias), dh0,
     )
