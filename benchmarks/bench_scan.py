@@ -33,6 +33,7 @@ from blocks.conv import causal_conv1d  # noqa: E402
 from blocks.kernels.causal_conv1d import causal_conv1d_triton  # noqa: E402
 from blocks.kernels import selective_scan as selective_scan_module  # noqa: E402
 from blocks.kernels.selective_scan import LAUNCHED, ScanTiles, default_tiles, selective_scan_triton  # noqa: E402
+from blocks import mamba as mamba_module  # noqa: E402
 from blocks.mamba import Mamba, MambaConfig  # noqa: E402
 from blocks.scan import selective_scan_chunked  # noqa: E402
 
@@ -208,10 +209,20 @@ def correctness_conv_and_mixer():
     errs = {}
     for dtype in (torch.float32, bf16):
         m = ours.to(dtype)
-        y = m(x.to(dtype))
+        xd = x.to(dtype).requires_grad_()
+        y = m(xd)  # training: through the one autograd function (blocks/kernels/mamba_inner.py)
+        gy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [xd, *m.parameters()], gy)
         ref = Mamba(d_model, MambaConfig(backend="torch")).to(dev, torch.float64)
         ref.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
-        errs[f"mixer_{str(dtype)[6:]}_vs_fp64"] = rel(y, ref(x.double()))
+        x64 = x.double().requires_grad_()
+        y64 = ref(x64)
+        grads64 = torch.autograd.grad(y64, [x64, *ref.parameters()], gy.double())
+        errs[f"mixer_{str(dtype)[6:]}_vs_fp64"] = rel(y, y64)
+        names = ["x"] + [n for n, _ in m.named_parameters()]
+        worst = max(zip((rel(g, g64) for g, g64 in zip(grads, grads64)), names))
+        errs[f"mixer_{str(dtype)[6:]}_grads_vs_fp64_max"] = worst[0]
+        log(f"  mixer {dtype}: worst gradient {worst[1]} rel {worst[0]:.1e}")
         if selective_scan_fn is not None:
             from mamba_ssm.modules.mamba_simple import Mamba as MambaSSM
 
@@ -338,14 +349,27 @@ def default_tiles_with(**changes):
         selective_scan_module.default_tiles = original
 
 
+@contextlib.contextmanager
+def inner_fused(on: bool):
+    """blocks.mamba.FUSED_INNER set for the duration (training through one autograd function, or composed)."""
+    previous, mamba_module.FUSED_INNER = mamba_module.FUSED_INNER, on
+    try:
+        yield
+    finally:
+        mamba_module.FUSED_INNER = previous
+
+
 @section
 def mixer_timings():
-    """The whole mixer (in_proj, conv, x_proj, dt_proj, scan, out_proj), fwd+bwd, bf16, B 8 x L 2048."""
+    """The whole mixer (in_proj, conv, x_proj, dt_proj, scan, out_proj), fwd+bwd, bf16, B 8 x L 2048: ours
+    (training through one autograd function), ours with dB and dC by atomic adds, ours composed by autograd
+    (blocks.mamba.FUSED_INNER off), the reference, and where installed mamba-ssm's."""
     for d_model in (1152, 1472) if not SMOKE else (8,):
         x = torch.randn(*((8, 2048) if not SMOKE else (2, 37)), d_model, device=dev, dtype=bf16, requires_grad=True)
         g = torch.randn_like(x)
         mixers = [(f"ours backend={b}", Mamba(d_model, MambaConfig(backend=b))) for b in ("triton", "torch")]
         mixers.insert(1, ("ours backend=triton, atomic dB,dC", Mamba(d_model, MambaConfig(backend="triton"))))
+        mixers.insert(2, ("ours backend=triton, composed by autograd", Mamba(d_model, MambaConfig(backend="triton"))))
         if selective_scan_fn is not None:
             from mamba_ssm.modules.mamba_simple import Mamba as MambaSSM
 
@@ -358,7 +382,8 @@ def mixer_timings():
             m = m.to(dev, bf16)
             rep = 20 if "torch" in label else 100
             try:
-                with default_tiles_with(bc_atomic=True) if "atomic" in label else contextlib.nullcontext():
+                with default_tiles_with(bc_atomic=True) if "atomic" in label else contextlib.nullcontext(), \
+                        inner_fused("composed" not in label):
                     with torch.no_grad():
                         timeit(f"{label} fwd", lambda: m(x), rep=rep, shape=f"mixer d{d_model}", impl=label, pass_="fwd")
                     timeit(f"{label} fwd+bwd", lambda: torch.autograd.grad(m(x), [x, *m.parameters()], g), rep=rep,

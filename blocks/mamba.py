@@ -15,9 +15,11 @@ from torch import Tensor, nn
 from blocks.conv import causal_conv1d, causal_conv1d_step
 from blocks.kernels import use_triton
 from blocks.kernels.causal_conv1d import causal_conv1d_step_triton, causal_conv1d_triton
+from blocks.kernels.mamba_inner import mamba_inner_triton
 from blocks.kernels.selective_scan import selective_scan_triton
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mixer import Mixer
+from blocks import scan_backend
 from blocks.scan_backend import choose as choose_scan_backend
 from blocks.scan import selective_scan_chunked, selective_state_step
 
@@ -25,6 +27,9 @@ from blocks.scan import selective_scan_chunked, selective_state_step
 # blocks/scan_backend.py), PyTorch elsewhere. mamba_ssm: its CUDA selective scan (and causal-conv1d's conv
 # when installed), the optional `.[cuda]` extra.
 BACKENDS = ("auto", "torch", "triton", "mamba_ssm")
+# Training on the Triton kernels runs conv, x_proj, dt_proj and the scan as one autograd function
+# (blocks/kernels/mamba_inner.py); False composes the same kernels through autograd (benchmarks compare them).
+FUSED_INNER = True
 MAMBA_SSM_HINT = "the mamba_ssm backend needs mamba-ssm (and, for its conv, causal-conv1d): pip install .[cuda]"
 
 
@@ -155,6 +160,14 @@ class Mamba(Mixer):
 
     def forward(self, x_BLD: Tensor, cache: MambaCache | None = None) -> Tensor:
         backend = self._backend(x_BLD)
+        if backend == "triton" and cache is None and FUSED_INNER and torch.is_grad_enabled() and (
+            self.backend == "triton" or scan_backend.mamba_ssm_scan() is None  # auto: nothing to time against
+        ):  # training: conv, projections and scan as one autograd function (fewer passes in the backward)
+            y_BLE = mamba_inner_triton(
+                self.in_proj(x_BLD), self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
+                self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
+            )
+            return self.out_proj(y_BLE)
         x_BLE, z_BLE = self.in_proj(x_BLD).chunk(2, dim=-1)
         x_BEL = self._conv(x_BLE.transpose(1, 2), cache, backend)
 

@@ -118,19 +118,33 @@ def test_conv_matches_ref(K, length, bias, silu, channels_last):
     assert (y.stride(1) == 1) == channels_last
 
 
-def test_mixer_triton_backend_matches_torch():
+@pytest.mark.parametrize("fused_inner", [True, False])
+def test_mixer_triton_backend_matches_torch(fused_inner, monkeypatch):
+    # training through the one autograd function of blocks/kernels/mamba_inner.py, or through the kernels
+    # composed by autograd: the same values and gradients as the reference, parameters and input alike
+    import blocks.kernels.mamba_inner as inner
+    import blocks.mamba
+
+    monkeypatch.setattr(blocks.mamba, "FUSED_INNER", fused_inner)
+    calls = []
+    monkeypatch.setattr(blocks.mamba, "mamba_inner_triton", lambda *a: calls.append(1) or inner.mamba_inner_triton(*a))
     torch.manual_seed(0)
     x = torch.randn(2, 11, 8)
     outs = []
     for backend in ("torch", "triton"):
         torch.manual_seed(1)
-        mixer = Mamba(8, MambaConfig(d_state=3, backend=backend))  # d_inner 16
+        mixer = Mamba(8, MambaConfig(d_state=3, backend=backend, conv_bias=True))  # d_inner 16
+        with torch.no_grad():  # non-trivial values where init leaves zeros or ones
+            mixer.D.add_(torch.randn(16))
+            mixer.conv1d.bias.add_(torch.randn(16) * 0.1)
         x_ = x.clone().requires_grad_()
         y = mixer(x_)
         y.square().sum().backward()
         outs.append([y, x_.grad] + [p.grad for p in mixer.parameters()])
-    for t, r in zip(*outs):
-        torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5)
+    assert len(calls) == int(fused_inner)
+    names = ["y", "x"] + [n for n, _ in mixer.named_parameters()]
+    for name, t, r in zip(names, *outs):
+        torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_auto_backend_runs_triton_when_forced():

@@ -113,39 +113,51 @@ def _blocks() -> tuple[int, int]:
     return (8, 4) if interpreting() else (32, 64)
 
 
+def conv_forward(x: Tensor, w: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    """y = act(conv(x) + bias), laid out as empty_like_bdl(x)."""
+    Bsz, C, L = x.shape
+    BL, BC = _blocks()
+    y = empty_like_bdl(x)
+    _conv_fwd_kernel[(triton.cdiv(L, BL), triton.cdiv(C, BC), Bsz)](
+        x, w, bias, y, C, L, *x.stride(), *y.stride(), *w.stride(),
+        K=w.shape[1], HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BL, BLOCK_C=BC,
+    )
+    return y
+
+
+def conv_backward(
+    dy: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, silu: bool, dx: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dx, dw, dbias) of conv_forward; dx is written into `dx` (any strides) when given."""
+    Bsz, C, L = x.shape
+    K = w.shape[1]
+    BL, BC = _blocks()
+    grid = (triton.cdiv(L, BL), triton.cdiv(C, BC), Bsz)
+    dpre = empty_like_bdl(x)
+    dx = empty_like_bdl(x) if dx is None else dx
+    dw = torch.empty(Bsz * grid[0], C, K, device=x.device, dtype=torch.float32)
+    db = torch.empty(Bsz * grid[0], C, device=x.device, dtype=torch.float32) if bias is not None else None
+    _conv_bwd_dpre_kernel[grid](
+        x, w, bias, dy, dpre, dw, db, C, L, *x.stride(), *dy.stride(), *dpre.stride(), *w.stride(),
+        K=K, KP=triton.next_power_of_2(K), HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BL, BLOCK_C=BC,
+    )
+    _conv_bwd_dx_kernel[grid](
+        dpre, w, dx, C, L, *dpre.stride(), *dx.stride(), *w.stride(), K=K, BLOCK_L=BL, BLOCK_C=BC,
+    )
+    return dx, dw.sum(0).to(w.dtype), None if db is None else db.sum(0).to(bias.dtype)
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, silu):
-        Bsz, C, L = x.shape
-        K = w.shape[1]
-        BL, BC = _blocks()
-        y = empty_like_bdl(x)
-        _conv_fwd_kernel[(triton.cdiv(L, BL), triton.cdiv(C, BC), Bsz)](
-            x, w, bias, y, C, L, *x.stride(), *y.stride(), *w.stride(),
-            K=K, HAS_BIAS=bias is not None, SILU=silu, BLOCK_L=BL, BLOCK_C=BC,
-        )
         ctx.save_for_backward(x, w, bias)
         ctx.silu = silu
-        return y
+        return conv_forward(x, w, bias, silu)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, bias = ctx.saved_tensors
-        Bsz, C, L = x.shape
-        K = w.shape[1]
-        BL, BC = _blocks()
-        grid = (triton.cdiv(L, BL), triton.cdiv(C, BC), Bsz)
-        dpre, dx = empty_like_bdl(x), empty_like_bdl(x)
-        dw = torch.empty(Bsz * grid[0], C, K, device=x.device, dtype=torch.float32)
-        db = torch.empty(Bsz * grid[0], C, device=x.device, dtype=torch.float32) if bias is not None else None
-        _conv_bwd_dpre_kernel[grid](
-            x, w, bias, dy, dpre, dw, db, C, L, *x.stride(), *dy.stride(), *dpre.stride(), *w.stride(),
-            K=K, KP=triton.next_power_of_2(K), HAS_BIAS=bias is not None, SILU=ctx.silu, BLOCK_L=BL, BLOCK_C=BC,
-        )
-        _conv_bwd_dx_kernel[grid](
-            dpre, w, dx, C, L, *dpre.stride(), *dx.stride(), *w.stride(), K=K, BLOCK_L=BL, BLOCK_C=BC,
-        )
-        return dx, dw.sum(0).to(w.dtype), None if db is None else db.sum(0).to(bias.dtype), None
+        return *conv_backward(dy, x, w, bias, ctx.silu), None
 
 
 @torch.compiler.disable  # torch.compile does not trace into Triton autotuners: a graph break

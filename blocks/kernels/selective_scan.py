@@ -404,14 +404,16 @@ def scan_backward(
     dy: Tensor, dlast: Tensor | None, states: Tensor,
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
     delta_bias: Tensor | None, delta_softplus: bool, want_dh0: bool, tiles: ScanTiles,
+    dz_out: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias, d initial_state), each in its input's dtype."""
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias, d initial_state), each in its input's dtype;
+    dz is written into dz_out (any strides) when given."""
     Bsz, DIM, L = u.shape
     N = A.shape[1]
     n_blocks = triton.cdiv(DIM, tiles.bwd_block_d)
     f32 = dict(dtype=torch.float32, device=u.device)
     du, ddelta = empty_like_bdl(u), empty_like_bdl(delta)
-    dz = None if z is None else empty_like_bdl(z)
+    dz = None if z is None else empty_like_bdl(z) if dz_out is None else dz_out
     dA = torch.empty(Bsz, DIM, N, **f32)
     dD = torch.empty(Bsz, DIM, **f32) if D is not None else None
     dbias = torch.empty(Bsz, DIM, **f32) if delta_bias is not None else None
