@@ -112,6 +112,7 @@ class Mamba(Mixer):
         self.dt_rank = cfg.dt_rank or math.ceil(d_model / 16)
         self.chunk_size = cfg.chunk_size
         self.backend = cfg.backend
+        self._train_scan: dict[tuple, str] = {}  # backend=auto: the scan measured faster, per training shape
         E, N, R = self.d_inner, cfg.d_state, self.dt_rank
 
         self.in_proj = nn.Linear(d_model, 2 * E, bias=cfg.bias)  # -> x, z
@@ -160,8 +161,10 @@ class Mamba(Mixer):
 
     def forward(self, x_BLD: Tensor, cache: MambaCache | None = None) -> Tensor:
         backend = self._backend(x_BLD)
+        train_key = (tuple(x_BLD.shape), x_BLD.dtype)
         if backend == "triton" and cache is None and FUSED_INNER and torch.is_grad_enabled() and (
             self.backend == "triton" or scan_backend.mamba_ssm_scan() is None  # auto: nothing to time against
+            or self._train_scan.get(train_key) == "triton"  # auto: Triton's scan measured faster for this shape
         ):  # training: conv, projections and scan as one autograd function (fewer passes in the backward)
             y_BLE = mamba_inner_triton(
                 self.in_proj(x_BLD), self.conv1d.weight[:, 0], self.conv1d.bias, self.x_proj.weight,
@@ -177,6 +180,8 @@ class Mamba(Mixer):
         if backend == "triton" and self.backend == "auto" and cache is None:  # mamba-ssm's scan takes no state
             backward = torch.is_grad_enabled() and self.in_proj.weight.requires_grad
             backend = choose_scan_backend(args, kw, backward, selective_scan_triton)
+            if backward:  # the composed path measured the scans; later training steps may take the fused one
+                self._train_scan[train_key] = backend
         if backend == "mamba_ssm" and cache is None:  # its scan takes no initial state
             y_BEL = _mamba_ssm_ops()[0](*args, **kw)
         else:

@@ -243,6 +243,8 @@ def test_auto_backend_takes_mamba_ssm_only_where_it_measured_faster(monkeypatch)
     # inside the mixer: the forward-only pass runs "mamba-ssm's" scan, the training pass the Triton one
     monkeypatch.setattr(mamba_mod, "_mamba_ssm_ops", lambda: (theirs, None))
     monkeypatch.setattr(mamba_mod, "selective_scan_triton", ours)
+    fused = mamba_mod.mamba_inner_triton
+    monkeypatch.setattr(mamba_mod, "mamba_inner_triton", lambda *a: calls.append("triton, fused") or fused(*a))
     monkeypatch.setattr(mamba_mod, "choose_scan_backend",
                         lambda *a: scan_backend.choose(*a, timer=timer))
     torch.manual_seed(1)
@@ -254,8 +256,10 @@ def test_auto_backend_takes_mamba_ssm_only_where_it_measured_faster(monkeypatch)
             calls.clear()
             y_fwd = mixer(x)
         assert calls == ["mamba_ssm"]
-        mixer(x)
+        y_train = mixer(x)  # the first training pass measures both scans through the composed path
+        assert calls[-1] == "triton"
         calls.clear()
-        y_train = mixer(x)
-        assert calls == ["triton"]
+        y_train_fused = mixer(x)  # then takes the fused training path (Triton's scan inside it)
+        assert calls == ["triton, fused"]
     torch.testing.assert_close(y_fwd, y_train)
+    torch.testing.assert_close(y_train_fused, y_train, rtol=1e-5, atol=1e-5)
