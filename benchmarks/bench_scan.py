@@ -362,8 +362,8 @@ def inner_fused(on: bool):
 @section
 def mixer_timings():
     """The whole mixer (in_proj, conv, x_proj, dt_proj, scan, out_proj), fwd+bwd, bf16, B 8 x L 2048: ours
-    (training through one autograd function), ours with dB and dC as partials (not atomic adds), ours composed by autograd
-    (blocks.mamba.FUSED_INNER off), the reference, and where installed mamba-ssm's."""
+    (training through one autograd function), ours with dB and dC as partials (not atomic adds), ours composed
+    by autograd (blocks.mamba.FUSED_INNER off), the reference, and where installed mamba-ssm's."""
     for d_model in (1152, 1472) if not SMOKE else (8,):
         x = torch.randn(*((8, 2048) if not SMOKE else (2, 37)), d_model, device=dev, dtype=bf16, requires_grad=True)
         g = torch.randn_like(x)

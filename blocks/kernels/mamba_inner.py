@@ -80,7 +80,7 @@ def mamba_inner_triton(
     E, N = A_log.shape
     R = dt_proj_w.shape[1]
     if xz.dim() != 3 or xz.shape[-1] != 2 * E or x_proj_w.shape != (R + 2 * N, E):
-        raise ValueError(f"mamba_inner_triton: inconsistent shapes xz {tuple(xz.shape)}, "
-                         f"x_proj {tuple(x_proj_w.shape)}, dt_proj {tuple(dt_proj_w.shape)}, A_log {tuple(A_log.shape)}")
+        raise ValueError(f"mamba_inner_triton: inconsistent shapes xz {tuple(xz.shape)}, x_proj "
+                         f"{tuple(x_proj_w.shape)}, dt_proj {tuple(dt_proj_w.shape)}, A_log {tuple(A_log.shape)}")
     tiles = tiles or selective_scan.default_tiles(N, xz.shape[0] * E)  # looked up here: benchmarks patch it
     return _MambaInner.apply(xz.contiguous(), conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A_log, D, R, N, tiles)

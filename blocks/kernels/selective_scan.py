@@ -17,8 +17,9 @@ Backward: the forward saves the state at every chunk start (B, L / CHUNK, D, N) 
 saved start, and runs the adjoint g_t = C_t gy_t + a_{t+1} g_{t+1} as a scan of the time-reversed chunk (a_{t+1}
 from delta loaded one step ahead, a second exp rather than a register shift). Gradients:
     dx_t = g_t -> du, ddelta, dB;   d(delta_t A) = g_t a_t h_{t-1} = g_t (h_t - x_t) -> ddelta, dA;   dC from h_t gy_t.
-Reductions are deterministic: dA, dD, d delta_bias as per-batch partials, dB and dC as per-channel-block
-partials (B, D / BLOCK_D, N, L) fp32, each summed afterwards by torch.
+Reductions: dA, dD, d delta_bias as per-batch partials, summed afterwards by torch (deterministic); dB and dC
+summed over the channel blocks by fp32 atomic adds (ScanTiles.bc_atomic, the default: faster, but the order of
+the adds varies run to run), or written as per-channel-block partials (B, D / BLOCK_D, N, L) and summed.
 """
 from __future__ import annotations
 
