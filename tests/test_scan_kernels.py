@@ -147,6 +147,28 @@ def test_mixer_triton_backend_matches_torch(fused_inner, monkeypatch):
         torch.testing.assert_close(t, r, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_fused_mixer_trains_under_autocast(monkeypatch):
+    # bf16-mixed training: fp32 weights, in_proj's output in the autocast dtype, a backward outside autocast.
+    # The fused function must multiply the same operands as the composed path (fp16 here: the interpreter's)
+    import blocks.mamba
+
+    x = torch.randn(2, 11, 8)
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(blocks.mamba, "FUSED_INNER", fused)
+        torch.manual_seed(1)
+        mixer = Mamba(8, MambaConfig(d_state=3, backend="triton"))
+        x_ = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = mixer(x_)
+        assert y.dtype == torch.float16
+        y.float().square().sum().backward()
+        outs.append([y.float(), x_.grad] + [p.grad for p in mixer.parameters()])
+    assert all(p.grad.dtype == torch.float32 for p in mixer.parameters())
+    for t, r in zip(*outs):
+        torch.testing.assert_close(t, r, rtol=1e-3, atol=1e-4)
+
+
 def test_auto_backend_runs_triton_when_forced():
     torch.manual_seed(1)
     mixer = Mamba(8, MambaConfig(d_state=3))

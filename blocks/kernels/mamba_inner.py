@@ -32,6 +32,9 @@ class _MambaInner(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A_log, D, R, N, tiles):
         E = xz.shape[-1] // 2
+        # the projections in xz's dtype: under autocast (bf16-mixed) in_proj's output is bf16 and the weights
+        # fp32, and the backward, which runs outside autocast, must multiply the same operands
+        x_proj_w, dt_proj_w = x_proj_w.to(xz.dtype), dt_proj_w.to(xz.dtype)
         xc = conv_forward(xz[..., :E].transpose(1, 2), conv_w, conv_b, True)  # (B, E, L), laid out (B, L, E)
         dbc = F.linear(xc.transpose(1, 2), x_proj_w)  # (B, L, R + 2N)
         dt = F.linear(dbc[..., :R], dt_proj_w)  # (B, L, E): the bias and softplus are applied in the scan
@@ -62,6 +65,7 @@ class _MambaInner(torch.autograd.Function):
         ddbc[..., R:R + N] = dB.transpose(1, 2)
         ddbc[..., R + N:] = dC.transpose(1, 2)
         ddbc_2d = ddbc.view(-1, R + 2 * N)
+        # weight gradients in xz's dtype; autograd casts them to the parameters' dtype
         d_dt_proj_w = ddt_2d.T @ dbc_2d[:, :R]
         d_x_proj_w = ddbc_2d.T @ xc.transpose(1, 2).reshape(-1, E)
         du_2d.addmm_(ddbc_2d, x_proj_w)  # x_c's gradient through x_proj, added by the GEMM itself
