@@ -40,7 +40,8 @@ class _MambaInner(torch.autograd.Function):
         dt = F.linear(dbc[..., :R], dt_proj_w)  # (B, L, E): the bias and softplus are applied in the scan
         _, z, B, C = _split(xz, dbc, R, N)
         A = -torch.exp(A_log.float())
-        y, _, states = scan_forward(xc, dt.transpose(1, 2), A, B, C, D, z, dt_bias, True, None, True, tiles)
+        save = any(ctx.needs_input_grad)  # the chunk-start states only when a backward can follow
+        y, _, states = scan_forward(xc, dt.transpose(1, 2), A, B, C, D, z, dt_bias, True, None, save, tiles)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, dt_bias, A_log, D, xc, dbc, dt, states)
         ctx.R, ctx.N, ctx.tiles = R, N, tiles
         return y.transpose(1, 2)  # (B, L, E), contiguous
