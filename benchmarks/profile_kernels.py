@@ -7,6 +7,9 @@ decode  one LM.step of the BlackMamba-1.5B preset at batch 1 and 64, bf16 weight
         CUDA graph replays are the same ones)
 train   one fwd+bwd of the BlackMamba-1.5B preset, B 8 x L 2048, bf16 autocast over fp32 weights (what
         bench_train.py's fwd+bwd row times)
+train_bf16  the same with the weights cast to bf16 first (bench_train.py's "bf16 w" row)
+gaps    where the GPU idles in that fwd+bwd (fp32 weights): the time between one kernel's end and the next one's
+        start, summed by the host op that launched the next kernel, and the host's synchronising calls
 
 Each section prints its kernels by total CUDA time (count, total ms per iteration, share) and the kernel
 count per iteration; the tables go to profile_kernels.log under $OUT when it is set. GPU only.
@@ -71,7 +74,29 @@ def decode(top: int) -> None:
     del model
 
 
-def train(top: int) -> None:
+def train(top: int, bf16_weights: bool = False) -> None:
+    from benchmarks.bench_train import Setup, build, lm_loss, token_batch
+
+    setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
+    module = build("blackmamba-1.5b", setup)
+    if bf16_weights:
+        module.bfloat16()
+    batch = tuple(t.cuda() for t in token_batch(50304, (8, 2048), seed=2))
+    module.train()
+
+    def step():
+        lm_loss(module, batch, setup).backward()
+        module.zero_grad(set_to_none=True)
+
+    weights = "bf16" if bf16_weights else "fp32"
+    kernel_table(step, 3, f"fwd+bwd, BlackMamba-1.5B, B 8 x L 2048, bf16 autocast, {weights} weights", top)
+
+
+def gaps(top: int) -> None:
+    import json
+    import tempfile
+    from collections import defaultdict
+
     from benchmarks.bench_train import Setup, build, lm_loss, token_batch
 
     setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
@@ -83,18 +108,67 @@ def train(top: int) -> None:
         lm_loss(module, batch, setup).backward()
         module.zero_grad(set_to_none=True)
 
-    kernel_table(step, 3, "fwd+bwd, BlackMamba-1.5B, B 8 x L 2048, bf16 autocast", top)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
+    by_tid = defaultdict(list)
+    for e in ops:
+        by_tid[e["tid"]].append(e)
+
+    def enclosing(launch) -> str:
+        # the outermost non-aten op around the launch (an autograd Function, a module), else the innermost op
+        around = [e for e in by_tid[launch["tid"]] if e["ts"] <= launch["ts"] <= e["ts"] + e["dur"]]
+        around.sort(key=lambda e: e["ts"])
+        named = [e["name"] for e in around if not e["name"].startswith(("aten::", "cuda", "autograd::engine"))]
+        return (named[0] if named else around[-1]["name"] if around else "?")[:80]
+
+    idle = defaultdict(lambda: [0.0, 0])
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    busy = sum(k["dur"] for k in kernels)
+    for prev, k in zip(kernels, kernels[1:]):
+        gap = k["ts"] - (prev["ts"] + prev["dur"])
+        if gap > 2.0:
+            launch = launches.get(k["args"].get("correlation"))
+            key = enclosing(launch) if launch else "?"
+            idle[key][0] += gap
+            idle[key][1] += 1
+    log(f"\n## GPU idle in one fwd+bwd (fp32 weights): {span / 1e3:.3f} ms from first kernel to last, "
+        f"{busy / 1e3:.3f} ms busy, {(span - busy) / 1e3:.3f} ms idle (gaps > 2 us: "
+        f"{sum(v[0] for v in idle.values()) / 1e3:.3f} ms)")
+    log("| host op launching the kernel after the gap | gaps | idle ms |")
+    log("|---|---:|---:|")
+    for key, (us, n) in sorted(idle.items(), key=lambda kv: -kv[1][0])[:top]:
+        log(f"| {key} | {n} | {us / 1e3:.3f} |")
+    syncs = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and any(w in e["name"] for w in ("Synchronize", "Memcpy", "EventQuery")):
+            syncs[e["name"]][0] += e.get("dur", 0)
+            syncs[e["name"]][1] += 1
+    log("| host runtime call | calls | host ms |")
+    log("|---|---:|---:|")
+    for name, (us, n) in sorted(syncs.items(), key=lambda kv: -kv[1][0]):
+        log(f"| {name} | {n} | {us / 1e3:.3f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="mixer,decode,train")
+    ap.add_argument("--only", default="mixer,decode,train,train_bf16")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: profile_kernels.py needs a CUDA GPU")
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    sections = {"mixer": mixer, "decode": decode, "train": train}
+    sections = {"mixer": mixer, "decode": decode, "train": train,
+                "train_bf16": lambda top: train(top, bf16_weights=True), "gaps": gaps}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"error: unknown section '{name}'; valid: {', '.join(sections)}")

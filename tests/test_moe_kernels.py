@@ -160,6 +160,33 @@ def test_moe_layer_dispatches_to_kernels_with_same_result():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_moe_experts_kernel_under_autocast_gemms_in_the_autocast_dtype(monkeypatch):
+    # bf16-mixed: fp32 x (the norm's output) and fp32 weights; the kernels must get x already in the compute
+    # dtype (fp16 here, the interpreter's), and match the reference's autocast matmuls, gradients in fp32
+    import blocks.kernels.moe as kmoe
+
+    seen = []
+    real_glu = kmoe.gmm_glu
+    monkeypatch.setattr(kmoe, "gmm_glu", lambda x, *a, **k: seen.append(x.dtype) or real_glu(x, *a, **k))
+    gen = torch.Generator().manual_seed(5)
+    T, K, E, D, F = 30, 2, 4, 16, 24
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    ids = skewed_ids(T, K, E, gen)
+    weights = torch.rand(T, K, generator=gen, requires_grad=True)
+    w_in = torch.randn(E, D, 2 * F, generator=gen, requires_grad=True)
+    w_out = torch.randn(E, F, D, generator=gen, requires_grad=True)
+    g = torch.randn(T, D, generator=gen)
+    results = []
+    for fn in (moe_experts_ref, moe_experts_triton):
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = fn(x, ids, weights, None, w_in, w_out, "swiglu")
+        results.append([y.float(), *torch.autograd.grad(y.float(), [x, weights, w_in, w_out], g)])
+    assert seen == [torch.float16]
+    assert all(t.dtype == torch.float32 for t in results[1][1:])
+    for name, got, ref in zip(("y", "dx", "dweights", "dw_in", "dw_out"), results[1], results[0]):
+        assert rel_err(got, ref) < 3e-3, name
+
+
 def test_expert_choice_layer_sizes_kernel_buffers_to_capacity():
     import warnings
 
