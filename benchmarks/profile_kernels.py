@@ -9,7 +9,8 @@ train   one fwd+bwd of the BlackMamba-1.5B preset, B 8 x L 2048, bf16 autocast o
         bench_train.py's fwd+bwd row times)
 train_bf16  the same with the weights cast to bf16 first (bench_train.py's "bf16 w" row)
 gaps    where the GPU idles in that fwd+bwd (fp32 weights): the time between one kernel's end and the next one's
-        start, summed by the host op that launched the next kernel, and the host's synchronising calls
+        start, summed by the host op that launched the next kernel and that kernel, and the host's CUDA calls
+gaps_bf16  the same with bf16 weights
 
 Each section prints its kernels by total CUDA time (count, total ms per iteration, share) and the kernel
 count per iteration; the tables go to profile_kernels.log under $OUT when it is set. GPU only.
@@ -92,7 +93,7 @@ def train(top: int, bf16_weights: bool = False) -> None:
     kernel_table(step, 3, f"fwd+bwd, BlackMamba-1.5B, B 8 x L 2048, bf16 autocast, {weights} weights", top)
 
 
-def gaps(top: int) -> None:
+def gaps(top: int, bf16_weights: bool = False) -> None:
     import json
     import tempfile
     from collections import defaultdict
@@ -101,6 +102,8 @@ def gaps(top: int) -> None:
 
     setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
     module = build("blackmamba-1.5b", setup)
+    if bf16_weights:
+        module.bfloat16()
     batch = tuple(t.cuda() for t in token_batch(50304, (8, 2048), seed=2))
     module.train()
 
@@ -118,7 +121,8 @@ def gaps(top: int) -> None:
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    host_calls = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launches = {e["args"].get("correlation"): e for e in host_calls}
     ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
     by_tid = defaultdict(list)
     for e in ops:
@@ -138,24 +142,23 @@ def gaps(top: int) -> None:
         gap = k["ts"] - (prev["ts"] + prev["dur"])
         if gap > 2.0:
             launch = launches.get(k["args"].get("correlation"))
-            key = enclosing(launch) if launch else "?"
+            key = (enclosing(launch) if launch else "?") + " -> " + k["name"][:40]
             idle[key][0] += gap
             idle[key][1] += 1
-    log(f"\n## GPU idle in one fwd+bwd (fp32 weights): {span / 1e3:.3f} ms from first kernel to last, "
+    log(f"\n## GPU idle in one fwd+bwd ({'bf16' if bf16_weights else 'fp32'} weights): {span / 1e3:.3f} ms from first kernel to last, "
         f"{busy / 1e3:.3f} ms busy, {(span - busy) / 1e3:.3f} ms idle (gaps > 2 us: "
         f"{sum(v[0] for v in idle.values()) / 1e3:.3f} ms)")
-    log("| host op launching the kernel after the gap | gaps | idle ms |")
+    log("| host op launching the kernel after the gap -> kernel | gaps | idle ms |")
     log("|---|---:|---:|")
     for key, (us, n) in sorted(idle.items(), key=lambda kv: -kv[1][0])[:top]:
         log(f"| {key} | {n} | {us / 1e3:.3f} |")
     syncs = defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.get("cat") == "cuda_runtime" and any(w in e["name"] for w in ("Synchronize", "Memcpy", "EventQuery")):
-            syncs[e["name"]][0] += e.get("dur", 0)
-            syncs[e["name"]][1] += 1
+    for e in host_calls:
+        syncs[e["name"]][0] += e.get("dur", 0)
+        syncs[e["name"]][1] += 1
     log("| host runtime call | calls | host ms |")
     log("|---|---:|---:|")
-    for name, (us, n) in sorted(syncs.items(), key=lambda kv: -kv[1][0]):
+    for name, (us, n) in sorted(syncs.items(), key=lambda kv: -kv[1][0])[:12]:
         log(f"| {name} | {n} | {us / 1e3:.3f} |")
 
 
@@ -168,7 +171,8 @@ def main() -> None:
         sys.exit("error: profile_kernels.py needs a CUDA GPU")
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     sections = {"mixer": mixer, "decode": decode, "train": train,
-                "train_bf16": lambda top: train(top, bf16_weights=True), "gaps": gaps}
+                "train_bf16": lambda top: train(top, bf16_weights=True), "gaps": gaps,
+                "gaps_bf16": lambda top: gaps(top, bf16_weights=True)}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"error: unknown section '{name}'; valid: {', '.join(sections)}")
