@@ -11,6 +11,9 @@ train_bf16  the same with the weights cast to bf16 first (bench_train.py's "bf16
 gaps    where the GPU idles in that fwd+bwd (fp32 weights): the time between one kernel's end and the next one's
         start, summed by the host op that launched the next kernel and that kernel, and the host's CUDA calls
 gaps_bf16  the same with bf16 weights
+host    that fwd+bwd timed without the profiler, fp32 and bf16 weights: wall time, and the host's time to enqueue
+        it (when the two are close, the host is what bounds it); then the same fwd+bwd captured whole in one
+        CUDA graph and replayed (the launch overhead taken away), its loss checked against the eager one
 
 Each section prints its kernels by total CUDA time (count, total ms per iteration, share) and the kernel
 count per iteration; the tables go to profile_kernels.log under $OUT when it is set. GPU only.
@@ -162,6 +165,72 @@ def gaps(top: int, bf16_weights: bool = False) -> None:
         log(f"| {name} | {n} | {us / 1e3:.3f} |")
 
 
+def host(top: int) -> None:
+    import statistics
+    import time
+
+    from benchmarks.bench_train import Setup, build, lm_loss, token_batch
+
+    setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
+    module = build("blackmamba-1.5b", setup)
+    batch = tuple(t.cuda() for t in token_batch(50304, (8, 2048), seed=2))
+    module.train()
+    log("\n## fwd+bwd of BlackMamba-1.5B, B 8 x L 2048: eager against one CUDA graph (median of 10)")
+    log("| weights | eager wall ms | host enqueue ms | graph replay ms | graph loss - eager loss |")
+    log("|---|---:|---:|---:|---:|")
+    for weights in ("fp32", "bf16"):
+        if weights == "bf16":
+            module.bfloat16()
+        walls, enqueues = [], []
+        for i in range(13):
+            module.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = lm_loss(module, batch, setup)
+            loss.backward()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            if i >= 3:
+                walls.append((t2 - t0) * 1e3)
+                enqueues.append((t1 - t0) * 1e3)
+        eager_loss = float(loss)
+        # the whole fwd+bwd in one graph: autocast must not cache casts across the capture
+        module.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    module.zero_grad(set_to_none=True)
+                    with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+                        loss, aux = module._lm_loss(batch)
+                        total = loss + sum(aux.values()) if aux else loss
+                    total.backward()
+            torch.cuda.current_stream().wait_stream(side)
+            module.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+                    loss, aux = module._lm_loss(batch)
+                    static = loss + sum(aux.values()) if aux else loss
+                static.backward()
+            replays = []
+            for i in range(13):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                graph.replay()
+                torch.cuda.synchronize()
+                if i >= 3:
+                    replays.append((time.perf_counter() - t0) * 1e3)
+            replay, diff = f"{statistics.median(replays):.2f}", f"{float(static) - eager_loss:+.2e}"
+        except Exception as e:  # noqa: BLE001  (say what the capture refused)
+            replay, diff = f"failed: {type(e).__name__}: {str(e)[:120]}", "-"
+        del graph
+        module.zero_grad(set_to_none=True)
+        log(f"| {weights} | {statistics.median(walls):.2f} | {statistics.median(enqueues):.2f} | {replay} | {diff} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="mixer,decode,train,train_bf16")
@@ -172,7 +241,7 @@ def main() -> None:
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     sections = {"mixer": mixer, "decode": decode, "train": train,
                 "train_bf16": lambda top: train(top, bf16_weights=True), "gaps": gaps,
-                "gaps_bf16": lambda top: gaps(top, bf16_weights=True)}
+                "gaps_bf16": lambda top: gaps(top, bf16_weights=True), "host": host}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"error: unknown section '{name}'; valid: {', '.join(sections)}")
