@@ -17,7 +17,9 @@ vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model:
             driving LMModule.training_step, backward, the non-finite check, gradient clipping, the AdamW of
             configure_optimizers (optim.impl=auto: fused on a GPU), the LR schedule and zero_grad; timed between
             steps inside fit, so the Trainer's own overhead is included; "step foreach AdamW" the same with
-            optim.impl=foreach
+            optim.impl=foreach; "step, CUDA graph" the same with trainer.cuda_graph=true (the fwd+bwd replayed
+            from one CUDA graph after one eager step) on a fresh copy of the initial weights, its first losses
+            checked against the eager step's
   compiled  both again with every block torch.compile'd (one graph per block kind, which all layers of that
             kind reuse, so compiling is paid per block kind, not per layer); a failure is printed with its reason
 
@@ -56,6 +58,7 @@ from experiments.config import compose  # noqa: E402
 from experiments.module import LMModule  # noqa: E402
 from experiments.throughput import matmul_peak_flops  # noqa: E402
 from experiments.train import _make_trainer, _quiet  # noqa: E402  (the run's own Trainer settings)
+from experiments.train_graph import TrainGraph  # noqa: E402
 
 ATTENTION = ("mixer=attention", "mixer.n_heads=18")  # 18 heads of 64 at d 1152, as the anchor
 # name: (overrides, the anchor script's line for the same shape or None)
@@ -347,6 +350,7 @@ def bench_eager(name: str, setup: Setup) -> Result:
     module.cfg.optim.impl = "foreach"
     time_train_step(module, result, "step foreach AdamW", setup)
     module.cfg.optim.impl = impl
+    time_graphed_step(name, result, setup)
     # bf16 weights (trainer.precision=bf16-true), as the off-the-shelf anchor runs: autocast has no weight
     # left to cast, so the difference to "fwd+bwd" is what the per-use casts of fp32 weights cost
     module.to(setup.device, torch.bfloat16)
@@ -356,6 +360,25 @@ def bench_eager(name: str, setup: Setup) -> Result:
         result.notes.append(f"scan backend per ((B, L, E, N), with backward, pick): {picks}")
         log(setup, f"  {result.notes[-1]}")
     return result
+
+
+def time_graphed_step(name: str, result: Result, setup: Setup) -> None:
+    """The Trainer's step with trainer.cuda_graph=true (experiments/train_graph.py), on a fresh copy of the same
+    initial weights: one eager step, then the fwd+bwd captured and replayed. Its first losses must be the eager
+    step's (same weights, same batch), to bf16 tolerance. --smoke runs the same code uncaptured on the CPU."""
+    module = build(name, setup)
+    graph = module.train_graph = TrainGraph(warmup_steps=1, capture=setup.device.type == "cuda")
+    variant = "step, CUDA graph"
+    losses = time_train_step(module, result, variant, setup)
+    eager = result.check["step: train_losses"]
+    rel = max(abs(a - b) / abs(b) for a, b in zip(losses, eager))
+    ok = graph.disabled is None and graph.recorded and rel <= CHECK_LOSS_RTOL
+    result.check.update({f"{variant}: train_losses": losses, "cuda_graph_matches_eager": ok})
+    why = f" (capture failed: {graph.disabled}; the row is eager)" if graph.disabled else ""
+    log(setup, f"  check ({variant}): training losses {', '.join(f'{v:.4f}' for v in losses)} against the eager "
+               f"step's: worst rel {rel:.1e}: {'same' if ok else 'DIFFERENT'}{why}")
+    del module, graph
+    reset_memory(setup)
 
 
 def bench_compiled(result: Result, setup: Setup) -> None:
@@ -439,11 +462,12 @@ def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
 
 
 def table(results: list[Result], anchor: dict[str, float], setup: Setup) -> None:
-    variants = ["fwd+bwd", "fwd+bwd bf16 weights", "step", "step foreach AdamW", "fwd+bwd compiled", "step compiled"]
+    variants = ["fwd+bwd", "fwd+bwd bf16 weights", "step", "step foreach AdamW", "step, CUDA graph",
+                "fwd+bwd compiled", "step compiled"]
     log(setup, "\n| model | params total / active | check | variant | ms | tokens/s | 6N-MFU | peak GB | ours / off-the-shelf |")
     log(setup, "|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
-        ok = r.check.get("kernels_match") and r.check.get("loss_falls")
+        ok = r.check.get("kernels_match") and r.check.get("loss_falls") and r.check.get("cuda_graph_matches_eager", True)
         other = anchor.get(MODELS[r.name][1] or "")
         for v in variants:
             if v not in r.variants:

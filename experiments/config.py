@@ -79,6 +79,9 @@ class TrainerConfig:
     grad_clip: float = 1.0
     accumulate_grad_batches: int = 1
     compile: bool = False  # torch.compile the model
+    # forward, loss and backward of each training step replayed from one CUDA graph after a few eager steps
+    # (experiments/train_graph.py): one GPU, fixed batch shape, no gradient accumulation
+    cuda_graph: bool = False
     stop_at_step: int | None = None  # end this invocation early (with a checkpoint); resume continues it
     progress_bar: bool = True
     # A step whose loss or gradients are not finite is skipped (no update; the step counter and schedule go on);
@@ -97,6 +100,15 @@ class TrainerConfig:
                f"trainer.precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         _check(math.isfinite(self.grad_clip) and self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         _check(self.stop_at_step is None or self.stop_at_step >= 1, f"trainer.stop_at_step must be >= 1, got {self.stop_at_step}")
+        if self.cuda_graph:
+            why = ("trainer.cuda_graph=true replays one GPU's whole fwd+bwd from a CUDA graph, which {}; "
+                   "set trainer.cuda_graph=false")
+            _check(self.accelerator in ("auto", "cuda", "gpu"), why.format(f"needs a CUDA GPU, not trainer.accelerator={self.accelerator}"))
+            _check(self.devices * self.num_nodes == 1, why.format(
+                "does not run under several processes (their gradient reductions hook into the backward)"))
+            _check(self.accumulate_grad_batches == 1, why.format(
+                "writes each step's whole gradient and cannot add micro-batches (trainer.accumulate_grad_batches=1)"))
+            _check(not self.compile, why.format("is not combined with trainer.compile=true"))
 
 
 OPTIM_IMPLS = ("auto", "fused", "foreach")

@@ -14,6 +14,7 @@ from blocks.expert_parallel import sync_expert_grads
 from experiments import distributed
 from experiments.build import build_model
 from experiments.config import FUSED_WITH_SCALER
+from experiments.train_graph import TrainGraph
 from experiments.utilization import moe_layers, record_routing, save_snapshot, snapshot_arrays, snapshot_path
 
 LN2 = math.log(2)
@@ -61,6 +62,9 @@ class LMModule(L.LightningModule):
         self.nonfinite_total = 0
         self.nonfinite_stop: str | None = None  # why the run stopped, when non-finite steps stopped it
         self.expert_groups = None  # the expert-parallel process groups, once setup() has sharded the experts
+        # trainer.cuda_graph: the training fwd+bwd replayed from a CUDA graph after a few eager steps
+        self.train_graph = TrainGraph() if cfg.trainer.get("cuda_graph", False) else None
+        self._graph_ran = False  # this step's backward already ran inside the replayed graph
 
     def setup(self, stage: str) -> None:
         """In a distributed run (torch.distributed is up, DDP has not wrapped the module yet): shard the experts
@@ -83,9 +87,20 @@ class LMModule(L.LightningModule):
         logits_BLV, aux = self.model(x_BL)
         return F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten()), aux
 
-    def training_step(self, batch, batch_idx):
+    def _forward_loss(self, batch):
         lm_loss, aux = self._lm_loss(batch)
-        loss = lm_loss + sum(aux.values()) if aux else lm_loss
+        return lm_loss, aux, (lm_loss + sum(aux.values()) if aux else lm_loss)
+
+    def training_step(self, batch, batch_idx):
+        out = self.train_graph.run(self, self._forward_loss, batch) if self.train_graph is not None else None
+        if out is None:
+            lm_loss, aux, loss = self._forward_loss(batch)
+        else:  # replayed: the gradients are on the parameters already
+            lm_loss, aux, loss = out
+            self._graph_ran = True
+            if self.train_graph.calls == self.train_graph.warmup_steps + 1:
+                self.print(f"trainer.cuda_graph: the training step is captured after {self.train_graph.warmup_steps} "
+                           "eager steps and replayed from now on")
         self.log("train/loss", lm_loss, prog_bar=True)
         self.log_bits("train", lm_loss)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
@@ -93,6 +108,13 @@ class LMModule(L.LightningModule):
             self.log(f"train/aux_{name}", value)
         self._loss = loss.detach()
         return loss
+
+    def backward(self, loss, *args, **kwargs):
+        if self._graph_ran:  # the replayed graph ran this step's backward; zero_grad has run since
+            self._graph_ran = False
+            self.train_graph.attach_grads()
+            return
+        super().backward(loss, *args, **kwargs)
 
     def on_before_optimizer_step(self, optimizer):
         """Skip the update if the loss or any gradient is not finite; stop after trainer.nonfinite_stop_after

@@ -184,6 +184,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
     _quiet()
     L.seed_everything(cfg.seed, verbose=False)  # the same seed on every rank: the same initial weights
     accelerator = _accelerator(cfg)
+    if cfg.trainer.cuda_graph and accelerator not in ("cuda", "gpu"):
+        raise ConfigError("trainer.cuda_graph=true replays the training step from a CUDA graph and needs a CUDA GPU; "
+                          "this machine has none (set trainer.cuda_graph=false)")
     try:
         # a device, precision or strategy that Lightning refuses, before any run
         probe = _make_trainer(cfg, accelerator, False, [])

@@ -39,7 +39,9 @@ class StepLoad(nn.Module):
     changes neither. The bias is kept as an integer number of gamma steps (`bias_steps`, int64): b = gamma
     * bias_steps is exact whatever dtype the model is cast to, and the same on every rank. `last_counts` and
     `bias_steps` are persistent buffers (checkpointed, so a resumed run continues with them); the running
-    step total is a plain tensor, neither saved nor broadcast by DDP with the buffers.
+    step total is a plain tensor, neither saved nor broadcast by DDP with the buffers, made at the first
+    forward and zeroed in place by end_step. A step that observed nothing leaves the bias alone (the sign of
+    mean - load is 0 everywhere) and keeps zero counts, from which frequencies() gives 1/E.
     """
 
     def __init__(self, num_experts: int, bias_update_rate: float = 0.0, keep_counts: bool = False):
@@ -80,8 +82,10 @@ class StepLoad(nn.Module):
         """Close the step: reduce its load over ranks, keep it and/or move the bias; start a new step."""
         if self._step_counts is None:
             return
-        counts_E = all_reduce_sum(self._step_counts)
-        self._step_counts = None
+        counts_E = all_reduce_sum(self._step_counts.clone())
+        # zeroed in place, not dropped: a training step captured in a CUDA graph (experiments.train_graph)
+        # keeps adding into this very tensor
+        self._step_counts.zero_()
         if self.keep_counts:
             self.last_counts.copy_(counts_E)
         if self.bias_update_rate > 0:
