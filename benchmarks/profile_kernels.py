@@ -12,8 +12,8 @@ gaps    where the GPU idles in that fwd+bwd (fp32 weights): the time between one
         start, summed by the host op that launched the next kernel and that kernel, and the host's CUDA calls
 gaps_bf16  the same with bf16 weights
 host    that fwd+bwd timed without the profiler, fp32 and bf16 weights: wall time, and the host's time to enqueue
-        it (when the two are close, the host is what bounds it); then the same fwd+bwd captured whole in one
-        CUDA graph and replayed (the launch overhead taken away), its loss checked against the eager one
+        it (when the two are close, the host is what bounds it); then the same fwd+bwd replayed from one CUDA
+        graph as trainer.cuda_graph=true runs it, its loss against the eager one, and the replay's kernels
 
 Each section prints its kernels by total CUDA time (count, total ms per iteration, share) and the kernel
 count per iteration; the tables go to profile_kernels.log under $OUT when it is set. GPU only.
@@ -170,6 +170,7 @@ def host(top: int) -> None:
     import time
 
     from benchmarks.bench_train import Setup, build, lm_loss, token_batch
+    from experiments.train_graph import TrainGraph
 
     setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
     module = build("blackmamba-1.5b", setup)
@@ -194,40 +195,32 @@ def host(top: int) -> None:
             if i >= 3:
                 walls.append((t2 - t0) * 1e3)
                 enqueues.append((t1 - t0) * 1e3)
-        eager_loss = float(loss)
-        # the whole fwd+bwd in one graph: autocast must not cache casts across the capture
+        eager_loss = float(loss.detach())
+        # the whole fwd+bwd in one graph, as trainer.cuda_graph=true runs it (experiments.train_graph)
         module.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    module.zero_grad(set_to_none=True)
-                    with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-                        loss, aux = module._lm_loss(batch)
-                        total = loss + sum(aux.values()) if aux else loss
-                    total.backward()
-            torch.cuda.current_stream().wait_stream(side)
-            module.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
-                with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
-                    loss, aux = module._lm_loss(batch)
-                    static = loss + sum(aux.values()) if aux else loss
-                static.backward()
+        graph = TrainGraph(warmup_steps=1)
+        with setup.autocast():
+            graph.run(module, module._forward_loss, batch)  # the warm-up call: the caller's eager step
+            out = graph.run(module, module._forward_loss, batch)
+        if out is None:
+            replay, diff = f"failed: {graph.disabled}", "-"
+        else:
             replays = []
             for i in range(13):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                graph.replay()
+                with setup.autocast():
+                    graph.run(module, module._forward_loss, batch)
                 torch.cuda.synchronize()
                 if i >= 3:
                     replays.append((time.perf_counter() - t0) * 1e3)
-            replay, diff = f"{statistics.median(replays):.2f}", f"{float(static) - eager_loss:+.2e}"
-        except Exception as e:  # noqa: BLE001  (say what the capture refused)
-            replay, diff = f"failed: {type(e).__name__}: {str(e)[:120]}", "-"
+            replay, diff = f"{statistics.median(replays):.2f}", f"{float(out[2]) - eager_loss:+.2e}"
+            with setup.autocast():
+                kernel_table(lambda: graph.run(module, module._forward_loss, batch), 2,
+                             f"the replayed graph, {weights} weights", top)
         del graph
         module.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
         log(f"| {weights} | {statistics.median(walls):.2f} | {statistics.median(enqueues):.2f} | {replay} | {diff} |")
 
 
