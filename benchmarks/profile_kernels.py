@@ -78,7 +78,9 @@ def decode(top: int) -> None:
     del model
 
 
-def train(top: int, bf16_weights: bool = False) -> None:
+def train_step(bf16_weights: bool = False):
+    """(setup, module, batch, step): one fwd+bwd of the BlackMamba-1.5B preset at B 8 x L 2048 under bf16
+    autocast, as bench_train.py's fwd+bwd row runs it; step() also drops the gradients."""
     from benchmarks.bench_train import Setup, build, lm_loss, token_batch
 
     setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
@@ -92,6 +94,11 @@ def train(top: int, bf16_weights: bool = False) -> None:
         lm_loss(module, batch, setup).backward()
         module.zero_grad(set_to_none=True)
 
+    return setup, module, batch, step
+
+
+def train(top: int, bf16_weights: bool = False) -> None:
+    _, _, _, step = train_step(bf16_weights)
     weights = "bf16" if bf16_weights else "fp32"
     kernel_table(step, 3, f"fwd+bwd, BlackMamba-1.5B, B 8 x L 2048, bf16 autocast, {weights} weights", top)
 
@@ -101,19 +108,7 @@ def gaps(top: int, bf16_weights: bool = False) -> None:
     import tempfile
     from collections import defaultdict
 
-    from benchmarks.bench_train import Setup, build, lm_loss, token_batch
-
-    setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
-    module = build("blackmamba-1.5b", setup)
-    if bf16_weights:
-        module.bfloat16()
-    batch = tuple(t.cuda() for t in token_batch(50304, (8, 2048), seed=2))
-    module.train()
-
-    def step():
-        lm_loss(module, batch, setup).backward()
-        module.zero_grad(set_to_none=True)
-
+    _, _, _, step = train_step(bf16_weights)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -169,13 +164,10 @@ def host(top: int) -> None:
     import statistics
     import time
 
-    from benchmarks.bench_train import Setup, build, lm_loss, token_batch
+    from benchmarks.bench_train import lm_loss
     from experiments.train_graph import TrainGraph
 
-    setup = Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=1, reps=1, compile=False, smoke=False)
-    module = build("blackmamba-1.5b", setup)
-    batch = tuple(t.cuda() for t in token_batch(50304, (8, 2048), seed=2))
-    module.train()
+    setup, module, batch, _ = train_step()
     log("\n## fwd+bwd of BlackMamba-1.5B, B 8 x L 2048: eager against one CUDA graph (median of 10)")
     log("| weights | eager wall ms | host enqueue ms | graph replay ms | graph loss - eager loss |")
     log("|---|---:|---:|---:|---:|")
