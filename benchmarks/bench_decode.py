@@ -6,9 +6,11 @@
 For every kernel and setting (blocks.kernels.decode.TILES): the result against the PyTorch twin on fresh
 random bf16 inputs (relative max error, must be below 2e-2), then the time of one launch inside a CUDA graph
 (triton.testing.do_bench_cudagraph: what a captured decoding step pays, launch gaps included), next to the
-time its weight bytes take at the H200's 4.8 TB/s. Prints a table per kernel, fastest first, and the best
-setting of each as a TILES entry (main() returns them); writes bench_decode.log under $OUT when it is set.
-GPU only.
+time its weight bytes take at the H200's 4.8 TB/s. The graph runs the kernel on --copies sets of weights in
+turn (24 by default, hundreds of MB for the big projections), so that, as in a model's step, the weights
+come from HBM rather than from the 50 MB L2 that one set would stay in; --copies 1 times the L2-resident case.
+Prints a table per kernel, fastest first, and the best setting of each as a TILES entry (main() returns
+them); writes bench_decode.log under $OUT when it is set. GPU only.
 """
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
 
 
-def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """kernel name -> (run(): the launch, check(): rel error against the twin, weight bytes)."""
-    g = torch.Generator(device).manual_seed(0)
+    g = torch.Generator(device).manual_seed(seed)
 
     def rn(*shape, scale=1.0):
         return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
@@ -109,10 +111,10 @@ def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
 
 SWEEP_ROW = {
     "in_proj": itertools.product((4, 8, 16), (256, 512, 1024), (4, 8)),
-    "out_proj": itertools.product((8, 16), (512, 1024, 2048), (4, 8)),
+    "out_proj": itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 2, 4)),
     "gate": itertools.product((0,), (256, 512, 1024, 2048), (2, 4, 8)),
-    "expert_up": itertools.product((16, 32), (256, 512, 1024), (4, 8)),
-    "expert_down": itertools.product((16, 32), (512, 1024, 2048), (4, 8)),
+    "expert_up": itertools.product((32, 64, 128), (128, 256), (4, 8), (1, 2, 4, 8)),
+    "expert_down": itertools.product((16, 32, 64, 128), (256, 512), (4, 8), (1, 2, 4, 8)),
     "x_proj": itertools.product((4, 8, 16), (128, 256, 512), (1, 2, 4)),
     "ssm": itertools.product((8, 16, 32, 64), (0,), (1, 2, 4)),
 }
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--only", default=None, help="comma-separated kernels (default: all)")
     ap.add_argument("--no-pdl", action="store_true", help="launch without programmatic dependent launch")
+    ap.add_argument("--copies", type=int, default=24,
+                    help="weight sets a timed graph cycles through (1: the weights stay in L2)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU through Triton's interpreter (TRITON_INTERPRET=1), tiny fp32 shapes: checks only, no timing")
     args = ap.parse_args(argv)
@@ -142,15 +146,22 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit("error: bench_decode.py needs a CUDA GPU (or --smoke)")
     else:
         device, dtype, tol = "cuda", torch.bfloat16, 2e-2
+    copies = 1 if args.smoke else max(1, args.copies)
     log(f"# {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}, torch {torch.__version__}, "
-        f"triton {triton.__version__}; PDL {'on' if decode.PDL else 'off'}")
+        f"triton {triton.__version__}; PDL {'on' if decode.PDL else 'off'}; {copies} weight set(s) in turn")
     best, wrong = {}, []
     for rows in map(int, args.batches.split(",")):
         path = "row" if decode._block_m(rows) == 1 else "dot"
         sweep = SWEEP_ROW if path == "row" else SWEEP_DOT
-        for name, (run, check, nbytes) in cases(rows, device, dtype).items():
+        sets = [cases(rows, device, dtype, seed=i) for i in range(copies)]
+        for name, (_, check, nbytes) in sets[0].items():
             if name not in sweep or (args.only and name not in args.only.split(",")):
                 continue
+            launches = [cs[name][0] for cs in sets]
+
+            def run():  # one launch per weight set: the time a launch takes is this over `copies`
+                for launch in launches:
+                    launch()
             default = decode.TILES[name][path]
             results = []
             # the interpreter ignores the tiles (decode._tiles): one check of the current setting
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                 decode.TILES[name][path] = tuple(cfg)
                 try:
                     err = check()
-                    us = float("nan") if args.smoke else 1e3 * triton.testing.do_bench_cudagraph(run, rep=50)
+                    us = float("nan") if args.smoke else 1e3 * triton.testing.do_bench_cudagraph(run, rep=50) / copies
                     results.append((us, cfg, err))
                 except Exception as exc:  # noqa: BLE001  (a setting out of registers or shared memory)
                     log(f"  {name} {cfg}: failed: {type(exc).__name__}: {str(exc)[:120]}")

@@ -9,6 +9,7 @@ microseconds whatever it reads. These kernels fold the steps of one block that r
                          (and for a top-1 router with a sigmoid or softmax gate, its choice and weight)
   expert_glu_up          a_s = glu(h_t @ w_in[e_s])                 one row per routed slot s
   expert_down_residual_  residual_t += sum_k g_tk a_tk @ w_out[e_tk]
+                         (both split their reduction over SPLIT programs, see below)
   gated_glu              a_t = [g_te glu(up_et)]_e               (from one slot per expert: every expert's GLU
                                                                   output scaled by the gate weights)
   x_proj_split_k         parts[s] = x[:, K_s] @ W_x[:, K_s]^T      (x_proj in fp32 partial sums over slices K_s
@@ -25,6 +26,12 @@ measured 1% of a step (benchmarks/RESULTS.md): the matrix-vector kernels, not th
 Their PyTorch twins are the modules' own steps (blocks.model.MixerBlock.step, MLPBlock.step): the reference
 functions at the end of this file spell out the same math with torch ops, and the tests compare the two.
 Shapes: M rows (the batch), D model width, E d_inner (Mamba) or experts (MoE), K conv width, S slots, F expert width.
+
+Split reductions: one routed expert's projection has only 1,152 or 3,072 outputs, too few blocks of outputs to
+give every SM loads to wait on, so the routed-expert kernels also split their inputs over SPLIT programs. Each
+writes its fp32 partial sums, then counts itself in on a counter of its output block; the program that arrives
+last adds the partials in split order (the result does not depend on which program came last), finishes the
+block (GLU, or the gated add into the residual) and resets the counter for the next launch.
 
 A projection tile is [BLOCK_M rows, BLOCK_N outputs] over BLOCK_K inputs: tl.dot when BLOCK_M >= 16, else
 (batch 1) a broadcast multiply and row sum over an unrolled loop, so that all of a program's loads are in
@@ -89,14 +96,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # (BLOCK_N, BLOCK_K, num_warps) per kernel: "row" at batch 1, "dot" from 16 rows (also num_stages), measured
 # on an H200 at the 1.5B preset's shapes with benchmarks/bench_decode.py (which sets these to sweep them).
-# For the expert kernels BLOCK_N is the output block (F for expert_up, D for expert_down) and BLOCK_K the
-# reduction block; norm_gate uses only BLOCK_K and num_warps.
+# For the expert kernels BLOCK_N is the output block (F for expert_up, D for expert_down), BLOCK_K the
+# reduction block and a fourth entry SPLIT the number of programs a reduction is split over; norm_gate uses
+# only BLOCK_K and num_warps.
 TILES = {
     "in_proj": {"row": (8, 512, 4), "dot": (32, 64, 4, 3)},
-    "out_proj": {"row": (8, 1024, 8), "dot": (16, 256, 4, 3)},
+    "out_proj": {"row": (8, 1024, 8, 1), "dot": (16, 256, 4, 3)},
     "gate": {"row": (0, 2048, 8)},
-    "expert_up": {"row": (32, 1024, 8)},
-    "expert_down": {"row": (16, 2048, 4)},
+    "expert_up": {"row": (32, 1024, 8, 1)},
+    "expert_down": {"row": (16, 2048, 4, 1)},
     "x_proj": {"row": (8, 256, 2)},  # BLOCK_K is the width of one slice K_s of the inputs
     "ssm": {"row": (16, 0, 2)},  # BLOCK_N channels a program
 }
@@ -107,11 +115,11 @@ def _tiles(rows: int, kernel: str) -> dict:
     flight at once: a one-token step is bound by load latency, not bandwidth); from 16 rows tl.dot tiles
     with a pipelined loop. Under the interpreter: tiny blocks, no launch settings."""
     bm = _block_m(rows)
-    if interpreting():
-        return dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=16)
+    if interpreting():  # split reductions in two where a kernel can split them, to test the split path
+        return dict(BLOCK_M=bm, BLOCK_N=16, BLOCK_K=16) | ({"SPLIT": 2} if len(TILES[kernel]["row"]) > 3 else {})
     if bm == 1:
-        bn, bk, warps = TILES[kernel]["row"]
-        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        bn, bk, warps, *split = TILES[kernel]["row"]
+        return dict(BLOCK_M=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps) | ({"SPLIT": split[0]} if split else {})
     bn, bk, warps, stages = TILES[kernel]["dot"]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
@@ -124,6 +132,42 @@ def _launch(tiles: dict, pdl: bool = False) -> dict:
     """The launch settings among _tiles' entries (none under the interpreter), for kernels that take their
     block sizes under their own names; launch_pdl with PDL."""
     return {k: tiles[k] for k in ("num_warps", "num_stages") if k in tiles} | _pdl_launch(pdl)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, kernel: str, n: int) -> Tensor:
+    """n int32 arrival counters for a split kernel, zero between launches (the last arrival resets its own),
+    kept per device and kernel. Allocated at a kernel's first launch, which a decoder's warm-up runs before
+    it captures the step (an allocation inside a CUDA-graph capture would not be replayed)."""
+    key = (device.type, device.index, kernel)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{kernel}: its counters must be allocated before CUDA-graph capture; run one "
+                               "step eagerly first (experiments.cuda_graphs.GraphDecoder warms up for this)")
+        c = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return c
+
+
+def _split(n_in: int, tiles: dict) -> tuple[int, int]:
+    """(inputs a program reduces over, a multiple of BLOCK_K; programs a reduction is split over)."""
+    chunk = triton.cdiv(triton.cdiv(n_in, tiles.get("SPLIT", 1)), tiles["BLOCK_K"]) * tiles["BLOCK_K"]
+    return chunk, triton.cdiv(n_in, chunk)
+
+
+@triton.jit
+def _arrived_last(cnt_ptr, SPLIT: tl.constexpr):
+    """Count this program in on its output block's counter, after all its threads have stored their partials;
+    True in the last of the SPLIT programs, which also resets the counter. The acquire-release atomic makes
+    the other programs' partials visible to it (they are read past L1, .cg, all the same)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT - 1
+    if last:
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+    return last
 
 
 @triton.jit
@@ -149,23 +193,24 @@ def _load_x(res_ptr, nw_ptr, m, m_ok, k0, s_rm, Dm: tl.constexpr, NORM: tl.const
 
 
 @triton.jit
-def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
+def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk, k_lo,
                     Dm: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     """(x * nw) @ W^T over the Dm inputs (x the rows at res_ptr; nw = 1 without NORM), and each row's
     sum of squares of x: one pass, so RMSNorm's 1/rms scales the result afterwards (it is one number a row).
+    At one row only inputs k_lo .. k_lo + CHUNK (a split reduction; CHUNK >= Dm and k_lo 0 otherwise).
     Waits for the previous kernel (PDL) before reading x; at one row, after loading the first weight block."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     ss = tl.zeros([BLOCK_M], dtype=tl.float32)
     if BLOCK_M == 1:  # unrolled, fp32 products
-        w_first = _load_w(w_ptr, n, n_ok, 0, s_wn, s_wk, Dm, BLOCK_K)
+        w_first = _load_w(w_ptr, n, n_ok, k_lo, s_wn, s_wk, Dm, BLOCK_K)
         _gdc_wait(PDL)
-        for k0 in tl.static_range(0, Dm, BLOCK_K):
+        for k0 in tl.static_range(0, CHUNK, BLOCK_K):
             if k0 == 0:
                 w = w_first
             else:
-                w = _load_w(w_ptr, n, n_ok, k0, s_wn, s_wk, Dm, BLOCK_K)
-            x, ss_k = _load_x(res_ptr, nw_ptr, m, m_ok, k0, s_rm, Dm, NORM, BLOCK_K)
+                w = _load_w(w_ptr, n, n_ok, k_lo + k0, s_wn, s_wk, Dm, BLOCK_K)
+            x, ss_k = _load_x(res_ptr, nw_ptr, m, m_ok, k_lo + k0, s_rm, Dm, NORM, BLOCK_K)
             ss += ss_k
             acc += tl.sum(w.to(tl.float32) * x, 1)[None, :]
     else:  # tl.dot on the weights' dtype, a pipelined loop
@@ -189,8 +234,8 @@ def _norm_in_conv_kernel(
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < 2 * E
-    acc, ss = _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk,
-                              Dm, True, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, ss = _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk, 0,
+                              Dm, True, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K, Dm)
     acc *= (1.0 / tl.sqrt(ss / Dm + eps))[:, None]
     # x half (n < E): shift x into the conv state and convolve; z half: stored for the SSM's gate
     is_x = n < E
@@ -235,19 +280,29 @@ def norm_in_proj_conv(
 
 @triton.jit
 def _linear_residual_kernel(
-    x_ptr, w_ptr, res_ptr, M, N, s_xm, s_wn, s_wk, s_rm,
+    x_ptr, w_ptr, res_ptr, part_ptr, cnt_ptr, M, N, s_xm, s_wn, s_wk, s_rm,
     Kd: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    """Program (output block, row block, split sp); SPLIT > 1 at one row only."""
+    pid_n, pid_m, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < N
-    acc, _ = _row_normed_dot(x_ptr, x_ptr, w_ptr, m, m_ok, n, n_ok, s_xm, s_wn, s_wk,
-                             Kd, False, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, _ = _row_normed_dot(x_ptr, x_ptr, w_ptr, m, m_ok, n, n_ok, s_xm, s_wn, s_wk, sp * CHUNK,
+                             Kd, False, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
     ptrs = res_ptr + m[:, None] * s_rm + n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
-    tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
+    if SPLIT == 1:
+        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
+    else:  # one row: partials laid out (output block, split, BLOCK_N)
+        b = tl.arange(0, BLOCK_N)[None, :]
+        tl.store(part_ptr + (pid_n * SPLIT + sp) * BLOCK_N + b, acc)
+        if _arrived_last(cnt_ptr + pid_n, SPLIT):
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for j in tl.static_range(SPLIT):  # in split order, whichever program arrived last
+                acc += tl.load(part_ptr + (pid_n * SPLIT + j) * BLOCK_N + b, cache_modifier=".cg")
+            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
 
 
 def linear_residual_(res_MN: Tensor, x_MK: Tensor, w_NK: Tensor) -> Tensor:
@@ -255,9 +310,14 @@ def linear_residual_(res_MN: Tensor, x_MK: Tensor, w_NK: Tensor) -> Tensor:
     M, Kd = x_MK.shape
     N = w_NK.shape[0]
     tiles, pdl = _tiles(M, "out_proj"), _pdl(res_MN)
-    _linear_residual_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]))](
-        x_MK, w_NK, res_MN, M, N, x_MK.stride(0), *w_NK.stride(), res_MN.stride(0),
-        Kd=Kd, PREC=_dot_precision(w_NK.dtype), PDL=pdl, **tiles, **_pdl_launch(pdl),
+    chunk, split = _split(Kd, tiles) if M == 1 else (Kd, 1)
+    grid = (triton.cdiv(N, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]), split)
+    parts = torch.empty(grid[0] * split * tiles["BLOCK_N"] if split > 1 else 0, device=res_MN.device, dtype=torch.float32)
+    counters = _counters(res_MN.device, "out_proj", grid[0]) if split > 1 else parts
+    _linear_residual_kernel[grid](
+        x_MK, w_NK, res_MN, parts, counters, M, N, x_MK.stride(0), *w_NK.stride(), res_MN.stride(0),
+        Kd=Kd, PREC=_dot_precision(w_NK.dtype), PDL=pdl, CHUNK=chunk, SPLIT=split,
+        **{k: v for k, v in tiles.items() if k != "SPLIT"}, **_pdl_launch(pdl),
     )
     return res_MN
 
@@ -334,10 +394,12 @@ def norm_gate(
 
 @triton.jit
 def _expert_up_kernel(
-    h_ptr, ids_ptr, w_ptr, a_ptr, F, K, s_hm, s_we, s_wd, s_wf, s_am,
+    h_ptr, ids_ptr, w_ptr, a_ptr, part_ptr, cnt_ptr, F, K, s_hm, s_we, s_wd, s_wf, s_am,
     Dm: tl.constexpr, GEGLU: tl.constexpr, PDL: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    pid_f, s = tl.program_id(0), tl.program_id(1)
+    """Program (f block, split sp, slot s): inputs sp*CHUNK .. (sp+1)*CHUNK of the gate and up halves."""
+    pid_f, sp, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = s // K
     _gdc_wait(PDL)  # which expert's weights to read is the router's result
     ex = tl.load(ids_ptr + s).to(tl.int64)
@@ -346,8 +408,8 @@ def _expert_up_kernel(
     w_ptr += ex * s_we
     acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-    for k0 in tl.static_range(0, Dm, BLOCK_K):  # unrolled: every load of the program in flight at once
-        kk = k0 + tl.arange(0, BLOCK_K)
+    for k0 in tl.static_range(0, CHUNK, BLOCK_K):  # unrolled: every load of the program in flight at once
+        kk = sp * CHUNK + k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < Dm
         x = tl.load(h_ptr + t * s_hm + kk, mask=k_ok, other=0.0).to(tl.float32)
         ok = k_ok[:, None] & f_ok[None, :]
@@ -355,8 +417,22 @@ def _expert_up_kernel(
         wu = tl.load(w_ptr + kk[:, None] * s_wd + (F + f)[None, :] * s_wf, mask=ok, other=0.0)
         acc_g += tl.sum(wg.to(tl.float32) * x[:, None], 0)
         acc_u += tl.sum(wu.to(tl.float32) * x[:, None], 0)
-    a = glu_gate(acc_g, GEGLU) * acc_u
-    tl.store(a_ptr + s * s_am + f, a.to(a_ptr.dtype.element_ty), mask=f_ok)
+    if SPLIT == 1:
+        a = glu_gate(acc_g, GEGLU) * acc_u
+        tl.store(a_ptr + s * s_am + f, a.to(a_ptr.dtype.element_ty), mask=f_ok)
+    else:  # partials laid out (slot, f block, split, gate/up, BLOCK_F)
+        b = tl.arange(0, BLOCK_F)
+        group = s * tl.num_programs(0) + pid_f
+        tl.store(part_ptr + (group * SPLIT + sp) * 2 * BLOCK_F + b, acc_g)
+        tl.store(part_ptr + (group * SPLIT + sp) * 2 * BLOCK_F + BLOCK_F + b, acc_u)
+        if _arrived_last(cnt_ptr + group, SPLIT):
+            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for j in tl.static_range(SPLIT):  # in split order, whichever program arrived last
+                acc_g += tl.load(part_ptr + (group * SPLIT + j) * 2 * BLOCK_F + b, cache_modifier=".cg")
+                acc_u += tl.load(part_ptr + (group * SPLIT + j) * 2 * BLOCK_F + BLOCK_F + b, cache_modifier=".cg")
+            a = glu_gate(acc_g, GEGLU) * acc_u
+            tl.store(a_ptr + s * s_am + f, a.to(a_ptr.dtype.element_ty), mask=f_ok)
 
 
 def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -> Tensor:
@@ -366,21 +442,28 @@ def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -
     F2 = w_in.shape[2]
     a = torch.empty(T * K, F2 // 2, device=h_TD.device, dtype=w_in.dtype)
     tiles, pdl = _tiles(1, "expert_up"), _pdl(h_TD)
+    chunk, split = _split(Dm, tiles)
+    grid = (triton.cdiv(F2 // 2, tiles["BLOCK_N"]), split, T * K)
+    parts = torch.empty(grid[0] * grid[2] * split * 2 * tiles["BLOCK_N"] if split > 1 else 0,
+                        device=h_TD.device, dtype=torch.float32)
+    counters = _counters(h_TD.device, "expert_up", grid[0] * grid[2]) if split > 1 else parts
     ids = ids_TK.reshape(-1).contiguous()
-    _expert_up_kernel[(triton.cdiv(F2 // 2, tiles["BLOCK_N"]), T * K)](
-        h_TD, ids, w_in, a, F2 // 2, K, h_TD.stride(0), *w_in.stride(), a.stride(0),
+    _expert_up_kernel[grid](
+        h_TD, ids, w_in, a, parts, counters, F2 // 2, K, h_TD.stride(0), *w_in.stride(), a.stride(0),
         Dm=Dm, GEGLU=activation == "geglu", PDL=pdl, BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"],
-        **_launch(tiles, pdl),
+        CHUNK=chunk, SPLIT=split, **_launch(tiles, pdl),
     )
     return a
 
 
 @triton.jit
 def _expert_down_kernel(
-    a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
+    a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, part_ptr, cnt_ptr, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
     F: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    CHUNK: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    pid_n, t = tl.program_id(0), tl.program_id(1)
+    """Program (output block, split sp, token t): expert features sp*CHUNK .. (sp+1)*CHUNK of t's slots."""
+    pid_n, sp, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < Dm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -389,8 +472,8 @@ def _expert_down_kernel(
         s = t * K + j
         ex = tl.load(ids_ptr + s).to(tl.int64)
         part = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for f0 in tl.static_range(0, F, BLOCK_F):
-            ff = f0 + tl.arange(0, BLOCK_F)
+        for f0 in tl.static_range(0, CHUNK, BLOCK_F):
+            ff = sp * CHUNK + f0 + tl.arange(0, BLOCK_F)
             f_ok = ff < F
             a = tl.load(a_ptr + s * s_am + ff, mask=f_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + ex * s_we + ff[:, None] * s_wf + n[None, :] * s_wd,
@@ -398,7 +481,17 @@ def _expert_down_kernel(
             part += tl.sum(w.to(tl.float32) * a[:, None], 0)
         acc += tl.load(g_ptr + s).to(tl.float32) * part
     ptrs = res_ptr + t * s_rm + n
-    tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + acc, mask=n_ok)
+    if SPLIT == 1:
+        tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + acc, mask=n_ok)
+    else:  # partials laid out (token, output block, split, BLOCK_N)
+        b = tl.arange(0, BLOCK_N)
+        group = t * tl.num_programs(0) + pid_n
+        tl.store(part_ptr + (group * SPLIT + sp) * BLOCK_N + b, acc)
+        if _arrived_last(cnt_ptr + group, SPLIT):
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for i in tl.static_range(SPLIT):  # in split order, whichever program arrived last
+                acc += tl.load(part_ptr + (group * SPLIT + i) * BLOCK_N + b, cache_modifier=".cg")
+            tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + acc, mask=n_ok)
 
 
 def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_out: Tensor) -> Tensor:
@@ -406,10 +499,15 @@ def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_
     T, K = ids_TK.shape
     F, Dm = w_out.shape[1:]
     tiles, pdl = _tiles(1, "expert_down"), _pdl(res_TD)
-    _expert_down_kernel[(triton.cdiv(Dm, tiles["BLOCK_N"]), T)](
+    chunk, split = _split(F, tiles)
+    grid = (triton.cdiv(Dm, tiles["BLOCK_N"]), split, T)
+    parts = torch.empty(grid[0] * T * split * tiles["BLOCK_N"] if split > 1 else 0,
+                        device=res_TD.device, dtype=torch.float32)
+    counters = _counters(res_TD.device, "expert_down", grid[0] * T) if split > 1 else parts
+    _expert_down_kernel[grid](
         a_SF, ids_TK.reshape(-1).contiguous(), weights_TK.float().reshape(-1).contiguous(), w_out, res_TD,
-        Dm, K, a_SF.stride(0), *w_out.stride(), res_TD.stride(0), F=F, PDL=pdl, BLOCK_N=tiles["BLOCK_N"],
-        BLOCK_F=tiles["BLOCK_K"], **_launch(tiles, pdl),
+        parts, counters, Dm, K, a_SF.stride(0), *w_out.stride(), res_TD.stride(0), F=F, PDL=pdl,
+        BLOCK_N=tiles["BLOCK_N"], BLOCK_F=tiles["BLOCK_K"], CHUNK=chunk, SPLIT=split, **_launch(tiles, pdl),
     )
     return res_TD
 
