@@ -8,7 +8,8 @@ few fused launches that update the fp32 residual stream in place:
                 into the residual (from batch 2 the module's norm and in_proj, x_proj and dt_proj on cuBLAS,
                 the conv-step and SSM-step kernels between them: there the projections are real GEMMs)
   MoE block     norm + router logits (+ a top-1 router's choice) -> expert up + GLU -> expert down into the residual
-                (fewer slots than experts, batch 1: only the routed experts are read); otherwise every
+                (fewer slots than experts, batch 1: only the routed experts are read; one token and a top-1
+                router without a shared expert: norm, routing and expert up are one kernel); otherwise every
                 expert runs on every token: one bmm, GLU + gate scaling in one kernel, one matmul
 
 Any other block (attention, mamba2, dense MLP, a plug-in) takes its own `step`. The function is the same as
@@ -23,12 +24,15 @@ from torch import Tensor, nn
 
 from blocks.kernels.causal_conv1d import causal_conv1d_step_triton
 from blocks.kernels.decode import (
-    dt_proj_ssm_step, linear_residual_, norm_gate, norm_in_proj_conv, x_proj_split_k,
+    dt_proj_ssm_step, expert_down_residual_, linear_residual_, norm_gate, norm_in_proj_conv, route_glu_up,
+    x_proj_split_k,
 )
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaCache
 from blocks.moe import MoE
 from blocks.moe_decode import add_dense_experts_, add_routed_experts_, route
+
+ROUTE_UP = True  # one token, top-1 router: route_glu_up instead of norm_gate + expert_glu_up (benchmarks toggle it)
 
 
 def _eps(norm: nn.RMSNorm) -> float:
@@ -83,6 +87,14 @@ def moe_step_(block, res_TD: Tensor) -> None:
     moe: MoE = block.mlp
     T, K = res_TD.shape[0], moe.top_k
     gate = moe.router.eval_gate() if K == 1 and not moe.router.training else None
+    if ROUTE_UP and T == 1 and gate is not None and moe.shared is None:
+        w_dtype = block.norm.weight.dtype  # the normed input's dtype, as norm_gate rounds it
+        a_SF, ids_TK, weights_TK = route_glu_up(
+            res_TD, block.norm.weight, _eps(block.norm), moe.gate.weight, moe.gate.bias, gate,
+            moe.w_in.to(w_dtype), moe.cfg.activation,
+        )
+        expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, moe.w_out.to(w_dtype))
+        return
     out = norm_gate(res_TD, block.norm.weight, _eps(block.norm), moe.gate.weight, moe.gate.bias, gate)
     h_TD, logits_TE = out[:2]
     # the router's top-1 rule was applied inside the kernel, or the router applies its own

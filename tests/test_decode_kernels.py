@@ -24,6 +24,8 @@ from blocks.kernels.decode import (
     norm_gate_ref,
     norm_in_proj_conv,
     norm_in_proj_conv_ref,
+    route_glu_up,
+    route_glu_up_ref,
     x_proj_split_k,
 )
 from blocks.kernels.ssm_step import selective_state_step_triton
@@ -111,6 +113,26 @@ def test_expert_projections_match_ref(tokens, k, activation):
     torch.testing.assert_close(expert_down_residual_(res, a, ids, weights, w_out), expected, **TOL)
 
 
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_route_glu_up_matches_norm_gate_then_expert_up(gate, activation):
+    # D 40 is split over two programs by the interpreter's tiles, F 20 over two output blocks; every program
+    # routes for itself, so a wrong expert in any block shows in `a`
+    E, D, F = 5, 40, 20
+    res, norm_w = randn(1, D, seed=40) * 2, randn(D, seed=41)
+    gate_w, gate_b = randn(E, D, seed=42), randn(E, seed=43)
+    w_in = randn(E, D, 2 * F, seed=44) / 4
+    for seed in range(3):  # fresh rows: different experts chosen
+        res = randn(1, D, seed=45 + seed) * 2
+        a, ids, weights = route_glu_up(res, norm_w, 1e-5, gate_w, gate_b, gate, w_in, activation)
+        a_ref, ids_ref, weights_ref = route_glu_up_ref(res, norm_w, 1e-5, gate_w, gate_b, gate, w_in, activation)
+        assert ids.tolist() == ids_ref.tolist()
+        torch.testing.assert_close(weights, weights_ref, **TOL)
+        torch.testing.assert_close(a, a_ref, **TOL)
+    with pytest.raises(ValueError, match="one contiguous token"):
+        route_glu_up(randn(2, D, seed=0), norm_w, 1e-5, gate_w, gate_b, gate, w_in, activation)
+
+
 @pytest.mark.parametrize("tokens,k", [(5, 1), (6, 2)])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 def test_gated_glu_matches_ref(tokens, k, activation):
@@ -192,7 +214,7 @@ def tiny_lm(router: str, top_k: int = 1, pattern=None, shared: int = 0) -> LM:
 @pytest.mark.parametrize(
     "router,top_k,batch,pattern,shared",
     [
-        ("sinkhorn", 1, 1, None, 0),  # the routed-expert kernels
+        ("sinkhorn", 1, 1, None, 0),  # route_glu_up (norm, routing, expert up) and the routed expert down
         ("topk", 2, 1, None, 0),  # two slots per token, summed in slot order
         ("sinkhorn", 1, 5, None, 0),  # more slots than experts: every expert on the normed input
         ("topk", 2, 3, None, 0),  # the same with two slots a token

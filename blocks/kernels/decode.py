@@ -8,6 +8,7 @@ microseconds whatever it reads. These kernels fold the steps of one block that r
   norm_gate              h = RMSNorm(residual) in the weights' dtype, router logits = h W_g^T + b_g in fp32
                          (and for a top-1 router with a sigmoid or softmax gate, its choice and weight)
   expert_glu_up          a_s = glu(h_t @ w_in[e_s])                 one row per routed slot s
+  route_glu_up           norm_gate + expert_glu_up for one token and a top-1 router (every program routes)
   expert_down_residual_  residual_t += sum_k g_tk a_tk @ w_out[e_tk]
                          (both split their reduction over SPLIT programs, see below)
   gated_glu              a_t = [g_te glu(up_et)]_e               (from one slot per expert: every expert's GLU
@@ -457,6 +458,96 @@ def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -
 
 
 @triton.jit
+def _route_up_kernel(
+    res_ptr, nw_ptr, g_ptr, gb_ptr, w_ptr, a_ptr, ids_ptr, wt_ptr, part_ptr, cnt_ptr, NE, F, eps,
+    s_gn, s_gk, s_we, s_wd, s_wf,
+    Dm: tl.constexpr, HAS_GB: tl.constexpr, ROUTE: tl.constexpr, GEGLU: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """One token, a top-1 router: norm_gate and expert_glu_up in one kernel. Every program forms the normed
+    row and the router's choice itself (the same code on the same inputs: all programs choose alike), then
+    its block of the chosen expert's up projection; program (0, 0) stores the choice for expert_down."""
+    pid_f, sp = tl.program_id(0), tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    d = tl.arange(0, BLOCK_D)
+    e_ok, d_ok = e < NE, d < Dm
+    g = tl.load(g_ptr + e[:, None] * s_gn + d[None, :] * s_gk, mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+    nw = tl.load(nw_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    _gdc_wait(PDL)
+    r = tl.load(res_ptr + d, mask=d_ok, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(r * r, 0) / Dm + eps)
+    h = (r * rstd * nw).to(nw_ptr.dtype.element_ty).to(tl.float32)  # the rounded h the module's fp32 gate sees
+    logits = tl.sum(g.to(tl.float32) * h[None, :], 1)
+    if HAS_GB:
+        logits += tl.load(gb_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    logits = tl.where(e_ok, logits, float("-inf"))
+    best = tl.max(logits, 0)
+    ex = tl.argmax(logits, 0).to(tl.int64)
+    if pid_f == 0 and sp == 0:
+        tl.store(ids_ptr, ex)
+        tl.store(wt_ptr, tl.sigmoid(best) if ROUTE == 1 else 1.0 / tl.sum(tl.exp(logits - best), 0))
+    f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    f_ok = f < F
+    w_ptr += ex * s_we
+    acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for k0 in tl.static_range(0, CHUNK, BLOCK_K):
+        kk = sp * CHUNK + k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < Dm
+        x = tl.load(res_ptr + kk, mask=k_ok, other=0.0) * rstd * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x = x.to(nw_ptr.dtype.element_ty).to(tl.float32)
+        ok = k_ok[:, None] & f_ok[None, :]
+        wg = tl.load(w_ptr + kk[:, None] * s_wd + f[None, :] * s_wf, mask=ok, other=0.0)
+        wu = tl.load(w_ptr + kk[:, None] * s_wd + (F + f)[None, :] * s_wf, mask=ok, other=0.0)
+        acc_g += tl.sum(wg.to(tl.float32) * x[:, None], 0)
+        acc_u += tl.sum(wu.to(tl.float32) * x[:, None], 0)
+    if SPLIT == 1:
+        tl.store(a_ptr + f, (glu_gate(acc_g, GEGLU) * acc_u).to(a_ptr.dtype.element_ty), mask=f_ok)
+    else:  # as _expert_up_kernel, one slot
+        b = tl.arange(0, BLOCK_F)
+        tl.store(part_ptr + (pid_f * SPLIT + sp) * 2 * BLOCK_F + b, acc_g)
+        tl.store(part_ptr + (pid_f * SPLIT + sp) * 2 * BLOCK_F + BLOCK_F + b, acc_u)
+        if _arrived_last(cnt_ptr + pid_f, SPLIT):
+            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
+            for j in tl.static_range(SPLIT):
+                acc_g += tl.load(part_ptr + (pid_f * SPLIT + j) * 2 * BLOCK_F + b, cache_modifier=".cg")
+                acc_u += tl.load(part_ptr + (pid_f * SPLIT + j) * 2 * BLOCK_F + BLOCK_F + b, cache_modifier=".cg")
+            tl.store(a_ptr + f, (glu_gate(acc_g, GEGLU) * acc_u).to(a_ptr.dtype.element_ty), mask=f_ok)
+
+
+def route_glu_up(
+    res_1D: Tensor, norm_w: Tensor, eps: float, gate_w: Tensor, gate_b: Tensor | None, top1_gate: str,
+    w_in: Tensor, activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One token (res_1D fp32, (1, D)) through a top-1 router: (a (1, F) in w_in's dtype, expert ids (1, 1)
+    int64, gate weights (1, 1) fp32), the same as norm_gate(..., top1_gate) followed by expert_glu_up, in one
+    launch (the tiles of expert_up). top1_gate: "sigmoid" or "softmax" (ROUTES)."""
+    M, Dm = res_1D.shape
+    if M != 1 or res_1D.stride(1) != 1:
+        raise ValueError(f"route_glu_up takes one contiguous token row, got shape {tuple(res_1D.shape)}")
+    F = w_in.shape[2] // 2
+    a = torch.empty(1, F, device=res_1D.device, dtype=w_in.dtype)
+    ids = torch.empty(1, 1, device=res_1D.device, dtype=torch.int64)
+    weights = torch.empty(1, 1, device=res_1D.device, dtype=torch.float32)
+    tiles, pdl = _tiles(1, "expert_up"), _pdl(res_1D)
+    chunk, split = _split(Dm, tiles)
+    grid = (triton.cdiv(F, tiles["BLOCK_N"]), split)
+    parts = torch.empty(grid[0] * split * 2 * tiles["BLOCK_N"] if split > 1 else 0,
+                        device=res_1D.device, dtype=torch.float32)
+    counters = _counters(res_1D.device, "route_up", grid[0]) if split > 1 else parts
+    _route_up_kernel[grid](
+        res_1D, norm_w, gate_w, gate_b, w_in, a, ids, weights, parts, counters, gate_w.shape[0], F, eps,
+        *gate_w.stride(), *w_in.stride(),
+        Dm=Dm, HAS_GB=gate_b is not None, ROUTE=ROUTES[top1_gate], GEGLU=activation == "geglu", PDL=pdl,
+        BLOCK_E=triton.next_power_of_2(gate_w.shape[0]), BLOCK_D=triton.next_power_of_2(Dm),
+        BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], CHUNK=chunk, SPLIT=split, **_launch(tiles, pdl),
+    )
+    return a, ids, weights
+
+
+@triton.jit
 def _expert_down_kernel(
     a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, part_ptr, cnt_ptr, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
     F: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -695,3 +786,8 @@ def dt_proj_ssm_step_ref(parts, dt_w, dt_bias, A_log, D, state, x, z):
     dt = dbc[:, :R] @ dt_w.float().T
     return selective_state_step(state, x, dt, -torch.exp(A_log.float()), dbc[:, R:R + N], dbc[:, R + N:],
                                 D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+
+
+def route_glu_up_ref(res_1D, norm_w, eps, gate_w, gate_b, top1_gate, w_in, activation):
+    h, _, ids, weights = norm_gate_ref(res_1D, norm_w, eps, gate_w, gate_b, top1_gate)
+    return expert_glu_up_ref(h, ids, w_in, activation), ids, weights
