@@ -527,9 +527,13 @@ def _route_up_kernel(
     logits = tl.where(e_ok, logits, float("-inf"))
     best = tl.max(logits, 0)
     ex = tl.argmax(logits, 0).to(tl.int64)
-    if pid_f == 0 and sp == 0:
+    if ROUTE == 1:
+        weight = tl.sigmoid(best)
+    else:
+        weight = 1.0 / tl.sum(tl.exp(logits - best), 0)
+    if (pid_f == 0) & (sp == 0):
         tl.store(ids_ptr, ex)
-        tl.store(wt_ptr, tl.sigmoid(best) if ROUTE == 1 else 1.0 / tl.sum(tl.exp(logits - best), 0))
+        tl.store(wt_ptr, weight)
     f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
     w_ptr += ex * s_we
