@@ -10,4 +10,4 @@ def test_bench_decode_smoke(tmp_path, monkeypatch):
     assert set(best) == {"in_proj", "out_proj", "gate", "expert_up", "expert_down", "x_proj", "ssm"}
     assert set(best["in_proj"]) == {"row", "dot"} and set(best["out_proj"]) == {"row", "dot"}
     log = (tmp_path / "bench_decode.log").read_text()
-    assert "WRONG" not in log and "## expert_down, batch 1" in log
+    assert "WRONG" not in log and "## expert_down, batch 1" in log and "## route_up, batch 1" in log
