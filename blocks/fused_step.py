@@ -4,7 +4,7 @@ A batch-1 step of the 1.5B preset through the modules' own `step`s runs ~575 ker
 weight reads; launches, dtype casts and one-token grouped GEMMs take the time. Here each block's step is a
 few fused launches that update the fp32 residual stream in place:
 
-  Mamba block   norm + in_proj + conv (+ x_proj in input slices) -> dt_proj + SSM update + gate -> out_proj
+  Mamba block   norm + in_proj + conv -> x_proj in input slices -> dt_proj + SSM update + gate -> out_proj
                 into the residual (from batch 2 the module's norm and in_proj, x_proj and dt_proj on cuBLAS,
                 the conv-step and SSM-step kernels between them: there the projections are real GEMMs)
   MoE block     norm + router logits (+ a top-1 router's choice) -> expert up + GLU -> expert down into the residual
@@ -25,14 +25,13 @@ from torch import Tensor, nn
 from blocks.kernels.causal_conv1d import causal_conv1d_step_triton
 from blocks.kernels.decode import (
     dt_proj_ssm_step, expert_down_residual_, linear_residual_, norm_gate, norm_in_proj_conv, route_glu_up,
-    x_proj_fusable, x_proj_split_k,
+    x_proj_split_k,
 )
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaCache
 from blocks.moe import MoE
 from blocks.moe_decode import add_dense_experts_, add_routed_experts_, route
 
-IN_X_PROJ = True  # batch 1: x_proj inside norm_in_proj_conv instead of its own kernel (benchmarks toggle it)
 ROUTE_UP = True  # one token, top-1 router: route_glu_up instead of norm_gate + expert_glu_up (benchmarks toggle it)
 
 
@@ -61,10 +60,9 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     """res += mixer(RMSNorm(res)) for one token, advancing the cache."""
     m: Mamba = block.mixer
     if res_BD.shape[0] == 1:
-        in_x_proj = IN_X_PROJ and x_proj_fusable(1, m.d_inner)
-        x_BE, z_BE, *parts = norm_in_proj_conv(
+        x_BE, z_BE = norm_in_proj_conv(
             res_BD, block.norm.weight, _eps(block.norm), m.in_proj.weight,
-            cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, m.x_proj.weight if in_x_proj else None,
+            cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
         )
     else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
         x_BE, z_BE = m.in_proj(block.norm(res_BD.to(block.norm.weight.dtype))).chunk(2, dim=-1)
@@ -72,7 +70,7 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     R, N = m.dt_rank, m.d_state
     if res_BD.shape[0] == 1:  # x_proj in input slices, then dt_proj inside the SSM-step kernel: no cuBLAS
         # launch between PDL kernels (and one kernel fewer than x_proj, dt_proj, SSM step)
-        parts = parts[0] if parts else x_proj_split_k(x_BE, m.x_proj.weight)
+        parts = x_proj_split_k(x_BE, m.x_proj.weight)
         y_BE = dt_proj_ssm_step(parts, m.dt_proj.weight, m.dt_proj.bias, m.A_log, m.D, cache.ssm_state, x_BE, z_BE)
     else:  # x_proj and dt_proj on cuBLAS (real GEMMs from batch 2)
         dbc = F.linear(x_BE, m.x_proj.weight)  # (B, R + 2N): low-rank dt, B, C

@@ -56,29 +56,6 @@ def test_norm_in_proj_conv_matches_ref(rows, conv_bias):
     torch.testing.assert_close(state, state_ref, **TOL)
 
 
-@pytest.mark.parametrize("group", [2, 32])
-def test_norm_in_proj_conv_forms_x_proj_slices(group, monkeypatch):
-    # E 80: five x programs of 16 columns; in groups of 2 the last group holds one program
-    from blocks.kernels import decode
-
-    monkeypatch.setattr(decode, "X_PROJ_GROUP", group)
-    D, E, K, NX = 24, 80, 4, 13
-    res, norm_w, w_in = randn(1, D, seed=1) * 3, randn(D, seed=2), randn(2 * E, D, seed=3) / 5
-    state, conv_w, conv_b = randn(1, E, K, seed=4), randn(E, K, seed=5), randn(E, seed=6)
-    w_x = randn(NX, E, seed=7) / 5
-    state_ref = state.clone()
-    x_ref, z_ref = norm_in_proj_conv_ref(res, norm_w, 1e-5, w_in, state_ref, conv_w, conv_b)
-    x, z, parts = norm_in_proj_conv(res, norm_w, 1e-5, w_in, state, conv_w, conv_b, w_x)
-    assert parts.shape == (-(-5 // group), 1, NX)
-    torch.testing.assert_close(x, x_ref, **TOL)
-    torch.testing.assert_close(z, z_ref, **TOL)
-    torch.testing.assert_close(state, state_ref, **TOL)
-    torch.testing.assert_close(parts.sum(0), x_ref @ w_x.T, **TOL)
-    with pytest.raises(ValueError, match="multiple of"):  # a program would hold both x and z columns
-        norm_in_proj_conv(res, norm_w, 1e-5, randn(2 * 10, D, seed=3), randn(1, 10, K, seed=4),
-                          conv_w[:10], conv_b[:10], w_x[:, :10])
-
-
 @pytest.mark.parametrize("rows", [1, 20])
 def test_linear_residual_matches_ref(rows):
     res, x, w = randn(rows, 20, seed=7), randn(rows, 40, seed=8), randn(20, 40, seed=9)

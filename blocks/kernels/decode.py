@@ -159,9 +159,9 @@ def _split(n_in: int, tiles: dict) -> tuple[int, int]:
 
 
 @triton.jit
-def _arrived_last(cnt_ptr, SPLIT):
+def _arrived_last(cnt_ptr, SPLIT: tl.constexpr):
     """Count this program in on its output block's counter, after all its threads have stored their partials;
-    True in the last of the SPLIT programs (SPLIT may be a runtime value), which also resets the counter. The acquire-release atomic makes
+    True in the last of the SPLIT programs, which also resets the counter. The acquire-release atomic makes
     the other programs' partials visible to it (they are read past L1, .cg, all the same)."""
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
@@ -226,20 +226,15 @@ def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk, 
 
 @triton.jit
 def _norm_in_conv_kernel(
-    res_ptr, nw_ptr, w_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, z_ptr, wx_ptr, xp_ptr, pg_ptr, cnt_ptr, M, E, NX, eps,
-    s_rm, s_wn, s_wk, s_csb, s_csc, s_csk, s_cwc, s_cwk, s_xm, s_zm, s_wxn, s_wxk,
+    res_ptr, nw_ptr, w_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, z_ptr, M, E, eps,
+    s_rm, s_wn, s_wk, s_csb, s_csc, s_csk, s_cwc, s_cwk, s_xm, s_zm,
     Dm: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    XPROJ: tl.constexpr, NXP: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < 2 * E
-    if XPROJ:  # this program's columns of x_proj's weight: parameters, loaded before the wait
-        j = tl.arange(0, NXP)
-        wx = tl.load(wx_ptr + j[:, None] * s_wxn + n[None, :] * s_wxk, mask=(j < NX)[:, None] & (n < E)[None, :],
-                     other=0.0)
     acc, ss = _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk, 0,
                               Dm, True, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K, Dm)
     acc *= (1.0 / tl.sqrt(ss / Dm + eps))[:, None]
@@ -258,68 +253,30 @@ def _norm_in_conv_kernel(
             v = x_new
         tl.store(state + k * s_csk, v, mask=ok)
         y += v.to(tl.float32) * tl.load(cw_ptr + n * s_cwc + k * s_cwk, mask=is_x, other=0.0).to(tl.float32)[None, :]
-    y = (y * tl.sigmoid(y)).to(xc_ptr.dtype.element_ty)
-    tl.store(xc_ptr + m[:, None] * s_xm + n[None, :], y, mask=ok)
+    y = y * tl.sigmoid(y)
+    tl.store(xc_ptr + m[:, None] * s_xm + n[None, :], y.to(xc_ptr.dtype.element_ty), mask=ok)
     z_ok = m_ok[:, None] & (~is_x & n_ok)[None, :]
     tl.store(z_ptr + m[:, None] * s_zm + (n - E)[None, :], acc.to(z_ptr.dtype.element_ty), mask=z_ok)
-    if XPROJ:
-        # one row, E a multiple of BLOCK_N: the x programs' products with x_proj's columns, summed in groups
-        # of GROUP programs (in program order, by the last to arrive) into the slices dt_proj_ssm_step sums
-        n_x = E // BLOCK_N
-        if pid_n < n_x:
-            g, within = pid_n // GROUP, pid_n % GROUP
-            part = tl.sum(wx.to(tl.float32) * tl.where(n < E, y.to(tl.float32), 0.0), 1)  # (NXP,)
-            tl.store(pg_ptr + pid_n * NXP + j, part)
-            if _arrived_last(cnt_ptr + g, tl.minimum(GROUP, n_x - g * GROUP)):
-                total = tl.zeros([NXP], dtype=tl.float32)
-                for i in tl.static_range(GROUP):
-                    row = g * GROUP + i
-                    total += tl.load(pg_ptr + row * NXP + j, mask=(j < NX) & (row * NXP + j < n_x * NXP),
-                                     other=0.0, cache_modifier=".cg")
-                tl.store(xp_ptr + g * NX + j, total, mask=j < NX)
-
-
-X_PROJ_GROUP = 32  # x programs of norm_in_proj_conv whose x_proj products make one slice (fused x_proj)
 
 
 def norm_in_proj_conv(
-    res_MD: Tensor, norm_w: Tensor, eps: float, w_in: Tensor, conv_state: Tensor, conv_w: Tensor,
-    conv_b: Tensor | None, w_x: Tensor | None = None,
-) -> tuple[Tensor, ...]:
+    res_MD: Tensor, norm_w: Tensor, eps: float, w_in: Tensor, conv_state: Tensor, conv_w: Tensor, conv_b: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """(x, z), each (M, E) in w_in's dtype: x = SiLU(conv step of in_proj(RMSNorm(res))[:, :E]) with the state
-    (M, E, K) shifted in place, z = in_proj(...)[:, E:]. res is the fp32 residual (M, D); w_in (2E, D).
-    With w_x (x_proj's weight, (NX, E)) and one row: also x_proj's output as fp32 slices (S, 1, NX) that sum
-    to x @ w_x^T, what x_proj_split_k returns, formed in the same launch (x_proj_fusable says when)."""
+    (M, E, K) shifted in place, z = in_proj(...)[:, E:]. res is the fp32 residual (M, D); w_in (2E, D)."""
     M, Dm = res_MD.shape
     E = w_in.shape[0] // 2
     x = torch.empty(M, E, device=res_MD.device, dtype=w_in.dtype)
     z = torch.empty_like(x)
     tiles, pdl = _tiles(M, "in_proj"), _pdl(res_MD)
     grid = (triton.cdiv(2 * E, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]))
-    xproj = w_x is not None
-    if xproj and not x_proj_fusable(M, E):
-        raise ValueError(f"x_proj fuses into norm_in_proj_conv at one row with d_inner a multiple of "
-                         f"{tiles['BLOCK_N']}; got {M} rows, d_inner {E}")
-    NX = w_x.shape[0] if xproj else 0
-    n_x = E // tiles["BLOCK_N"]
-    S = triton.cdiv(n_x, X_PROJ_GROUP)
-    NXP = triton.next_power_of_2(max(NX, 1))
-    parts = torch.empty(S if xproj else 0, 1, NX, device=res_MD.device, dtype=torch.float32)
-    per_program = torch.empty(n_x * NXP if xproj else 0, device=res_MD.device, dtype=torch.float32)
-    counters = _counters(res_MD.device, "in_x_proj", S) if xproj else parts
     _norm_in_conv_kernel[grid](
-        res_MD, norm_w, w_in, conv_state, conv_w, conv_b, x, z, w_x, parts, per_program, counters, M, E, NX, eps,
+        res_MD, norm_w, w_in, conv_state, conv_w, conv_b, x, z, M, E, eps,
         res_MD.stride(0), *w_in.stride(), *conv_state.stride(), *conv_w.stride(), x.stride(0), z.stride(0),
-        *(w_x.stride() if xproj else (0, 0)),
         Dm=Dm, KC=conv_w.shape[1], HAS_CB=conv_b is not None, PREC=_dot_precision(w_in.dtype), PDL=pdl,
-        XPROJ=xproj, NXP=NXP, GROUP=X_PROJ_GROUP, **tiles, **_pdl_launch(pdl),
+        **tiles, **_pdl_launch(pdl),
     )
-    return (x, z, parts) if xproj else (x, z)
-
-
-def x_proj_fusable(rows: int, d_inner: int) -> bool:
-    """Whether norm_in_proj_conv can form x_proj too: one row, and no program holding both x and z columns."""
-    return rows == 1 and d_inner % _tiles(1, "in_proj")["BLOCK_N"] == 0
+    return x, z
 
 
 @triton.jit
