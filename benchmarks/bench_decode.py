@@ -95,13 +95,6 @@ def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
         ref = decode.dt_proj_ssm_step_ref(parts, dt_w, dt_b, A_log, Dp, s2, y, z)
         return max(rel(got, ref), rel(s1, s2))
 
-    def check_in_x():  # in_proj with x_proj formed in the same launch (fused_step.IN_X_PROJ)
-        s1, s2 = state.clone(), state.clone()
-        got = decode.norm_in_proj_conv(res, nw, 1e-5, w_in, s1, conv_w, conv_b, w_x)
-        x_ref, z_ref = decode.norm_in_proj_conv_ref(res, nw, 1e-5, w_in, s2, conv_w, conv_b)
-        return max(rel(got[0], x_ref), rel(got[1], z_ref), rel(s1, s2),
-                   rel(got[2].sum(0), x_ref.float() @ w_x.float().T))
-
     def check_route_up():  # norm, top-1 routing and expert up in one launch (fused_step.ROUTE_UP)
         got = decode.route_glu_up(res, nw, 1e-5, gate_w, gate_b, "sigmoid", w1, "swiglu")
         ref = decode.route_glu_up_ref(res, nw, 1e-5, gate_w, gate_b, "sigmoid", w1, "swiglu")
@@ -116,9 +109,6 @@ def cases(rows: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, 
         out["expert_up"] = (lambda: decode.expert_glu_up(h, ids, w1, "swiglu"), check_up, 2 * F * D * 2)
         out["expert_down"] = (lambda: decode.expert_down_residual_(res, a, ids, weights, w2), check_down, F * D * 2)
         out["x_proj"] = (lambda: decode.x_proj_split_k(y, w_x), check_x, (R + 2 * N) * E * 2)
-        if decode.x_proj_fusable(1, E):
-            out["in_x_proj"] = (lambda: decode.norm_in_proj_conv(res, nw, 1e-5, w_in, state, conv_w, conv_b, w_x),
-                                check_in_x, (2 * E * D + (R + 2 * N) * E) * 2)
         out["route_up"] = (lambda: decode.route_glu_up(res, nw, 1e-5, gate_w, gate_b, "sigmoid", w1, "swiglu"),
                            check_route_up, 2 * F * D * 2)
         out["ssm"] = (lambda: decode.dt_proj_ssm_step(parts, dt_w, dt_b, A_log, Dp, ssm, y, z), check_ssm,
@@ -136,7 +126,7 @@ SWEEP_ROW = {
     "ssm": itertools.product((8, 16, 32, 64), (0,), (1, 2, 4)),
 }
 # kernels that run on another kernel's tiles: timed and checked at its current setting, not swept
-SHARED_TILES = {"in_x_proj": "in_proj", "route_up": "expert_up"}
+SHARED_TILES = {"route_up": "expert_up"}
 SWEEP_DOT = {
     "in_proj": [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 128, 4, 4), (32, 256, 8, 2)],
     "out_proj": [(16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3)],

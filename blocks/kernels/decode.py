@@ -96,16 +96,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 # (BLOCK_N, BLOCK_K, num_warps) per kernel: "row" at batch 1, "dot" from 16 rows (also num_stages), measured
-# on an H200 at the 1.5B preset's shapes with benchmarks/bench_decode.py (which sets these to sweep them).
+# on an H200 at the 1.5B preset's shapes with benchmarks/bench_decode.py (which sets these to sweep them; the
+# split kernels' settings with weights read from HBM, not L2, as in a model's step).
 # For the expert kernels BLOCK_N is the output block (F for expert_up, D for expert_down), BLOCK_K the
 # reduction block and a fourth entry SPLIT the number of programs a reduction is split over; norm_gate uses
 # only BLOCK_K and num_warps.
 TILES = {
     "in_proj": {"row": (8, 512, 4), "dot": (32, 64, 4, 3)},
-    "out_proj": {"row": (8, 1024, 8, 1), "dot": (16, 256, 4, 3)},
+    "out_proj": {"row": (8, 512, 4, 4), "dot": (16, 256, 4, 3)},
     "gate": {"row": (0, 2048, 8)},
-    "expert_up": {"row": (32, 1024, 8, 1)},
-    "expert_down": {"row": (16, 2048, 4, 1)},
+    "expert_up": {"row": (128, 256, 4, 8)},
+    "expert_down": {"row": (128, 256, 4, 8)},
     "x_proj": {"row": (8, 256, 2)},  # BLOCK_K is the width of one slice K_s of the inputs
     "ssm": {"row": (16, 0, 2)},  # BLOCK_N channels a program
 }
