@@ -133,6 +133,26 @@ def test_route_glu_up_matches_norm_gate_then_expert_up(gate, activation):
         route_glu_up(randn(2, D, seed=0), norm_w, 1e-5, gate_w, gate_b, gate, w_in, activation)
 
 
+def test_split_reductions_leave_their_counters_at_zero():
+    # the interpreter splits each reduction in two; a counter left non-zero would make the next launch's
+    # programs miscount who arrived last, so a second launch on the same inputs must give the same result
+    from blocks.kernels import decode
+
+    E, D, F = 4, 40, 20
+    h, w_in, w_out = randn(1, D, seed=50), randn(E, D, 2 * F, seed=51) / 4, randn(E, F, D, seed=52) / 4
+    ids, weights = torch.tensor([[3]]), torch.tensor([[0.7]])
+    res = randn(1, D, seed=53)
+    runs = []
+    for _ in range(2):
+        a = expert_glu_up(h, ids, w_in, "swiglu")
+        runs.append((a, expert_down_residual_(res.clone(), a, ids, weights, w_out),
+                     linear_residual_(res.clone(), randn(1, 2 * D, seed=54), randn(D, 2 * D, seed=55))))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+    counters = [c for (_, _, name), c in decode._COUNTERS.items() if name in ("expert_up", "expert_down", "out_proj")]
+    assert len(counters) == 3 and all(int(c.abs().sum()) == 0 for c in counters)
+
+
 @pytest.mark.parametrize("tokens,k", [(5, 1), (6, 2)])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 def test_gated_glu_matches_ref(tokens, k, activation):
