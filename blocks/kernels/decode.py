@@ -141,14 +141,16 @@ _COUNTERS: dict = {}
 
 def _counters(device: torch.device, kernel: str, n: int) -> Tensor:
     """n int32 arrival counters for a split kernel, zero between launches (the last arrival resets its own),
-    kept per device and kernel. Allocated at a kernel's first launch, which a decoder's warm-up runs before
-    it captures the step (an allocation inside a CUDA-graph capture would not be replayed)."""
+    kept per device and kernel. Launches on one stream never overlap on them: a program counts in only after
+    its gdc_wait, when the kernel launched before it has finished (two streams at once could). Allocated at a kernel's first launch,
+    which a decoder's warm-up runs before it captures the step (an allocation inside a CUDA-graph capture
+    would not be replayed)."""
     key = (device.type, device.index, kernel)
     c = _COUNTERS.get(key)
     if c is None or c.numel() < n:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{kernel}: its counters must be allocated before CUDA-graph capture; run one "
-                               "step eagerly first (experiments.cuda_graphs.GraphDecoder warms up for this)")
+                               "step eagerly first (experiments.cuda_graphs.StaticDecoder warms up for this)")
         c = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return c
 
