@@ -175,6 +175,49 @@ def _arrived_last(cnt_ptr, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _split_total(acc, part_ptr, cnt_ptr, group, sp, SPLIT: tl.constexpr):
+    """A reduction split over SPLIT programs: (whether this program now holds the whole sum, that sum; zeros
+    in the others). acc is this program's 2-D fp32 partial; partials are laid out (group, split, acc). SPLIT 1:
+    (True, acc)."""
+    if SPLIT == 1:
+        done = True
+        total = acc
+    else:
+        size = acc.shape[0] * acc.shape[1]
+        offs = tl.arange(0, acc.shape[0])[:, None] * acc.shape[1] + tl.arange(0, acc.shape[1])[None, :]
+        tl.store(part_ptr + (group * SPLIT + sp) * size + offs, acc)
+        done = _arrived_last(cnt_ptr + group, SPLIT)
+        total = tl.zeros_like(acc)
+        if done:
+            for j in tl.static_range(SPLIT):  # in split order, whichever program arrived last
+                total += tl.load(part_ptr + (group * SPLIT + j) * size + offs, cache_modifier=".cg")
+    return done, total
+
+
+@triton.jit
+def _glu_up_dot(x_ptr, nw_ptr, rstd, w_ptr, f, f_ok, F, k_lo, s_wd, s_wf,
+                Dm: tl.constexpr, NORM: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(gate, up) fp32 sums of one expert's input projection, outputs f, over inputs k_lo .. k_lo + CHUNK of
+    the row at x_ptr (with NORM: the fp32 residual, normed here by rstd and nw and rounded to nw's dtype, as
+    norm_gate forms h). Unrolled: every load of the program in flight at once."""
+    acc_g = tl.zeros([f.shape[0]], dtype=tl.float32)
+    acc_u = tl.zeros([f.shape[0]], dtype=tl.float32)
+    for k0 in tl.static_range(0, CHUNK, BLOCK_K):
+        kk = k_lo + k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < Dm
+        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            x = (x * rstd * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)).to(nw_ptr.dtype.element_ty)
+            x = x.to(tl.float32)
+        ok = k_ok[:, None] & f_ok[None, :]
+        wg = tl.load(w_ptr + kk[:, None] * s_wd + f[None, :] * s_wf, mask=ok, other=0.0)
+        wu = tl.load(w_ptr + kk[:, None] * s_wd + (F + f)[None, :] * s_wf, mask=ok, other=0.0)
+        acc_g += tl.sum(wg.to(tl.float32) * x[:, None], 0)
+        acc_u += tl.sum(wu.to(tl.float32) * x[:, None], 0)
+    return acc_g, acc_u
+
+
+@triton.jit
 def _load_w(w_ptr, n, n_ok, k0, s_wn, s_wk, Dm: tl.constexpr, BLOCK_K: tl.constexpr):
     """The weight block (BLOCK_N, BLOCK_K) of inputs k0 .. k0 + BLOCK_K."""
     kk = k0 + tl.arange(0, BLOCK_K)
@@ -297,16 +340,9 @@ def _linear_residual_kernel(
                              Kd, False, PREC, PDL, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
     ptrs = res_ptr + m[:, None] * s_rm + n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT == 1:
-        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
-    else:  # one row: partials laid out (output block, split, BLOCK_N)
-        b = tl.arange(0, BLOCK_N)[None, :]
-        tl.store(part_ptr + (pid_n * SPLIT + sp) * BLOCK_N + b, acc)
-        if _arrived_last(cnt_ptr + pid_n, SPLIT):
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for j in tl.static_range(SPLIT):  # in split order, whichever program arrived last
-                acc += tl.load(part_ptr + (pid_n * SPLIT + j) * BLOCK_N + b, cache_modifier=".cg")
-            tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + acc, mask=ok)
+    done, total = _split_total(acc, part_ptr, cnt_ptr, pid_n, sp, SPLIT)  # SPLIT > 1: one row, (1, BLOCK_N)
+    if done:
+        tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + total, mask=ok)
 
 
 def linear_residual_(res_MN: Tensor, x_MK: Tensor, w_NK: Tensor) -> Tensor:
@@ -409,34 +445,12 @@ def _expert_up_kernel(
     ex = tl.load(ids_ptr + s).to(tl.int64)
     f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
-    w_ptr += ex * s_we
-    acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-    for k0 in tl.static_range(0, CHUNK, BLOCK_K):  # unrolled: every load of the program in flight at once
-        kk = sp * CHUNK + k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < Dm
-        x = tl.load(h_ptr + t * s_hm + kk, mask=k_ok, other=0.0).to(tl.float32)
-        ok = k_ok[:, None] & f_ok[None, :]
-        wg = tl.load(w_ptr + kk[:, None] * s_wd + f[None, :] * s_wf, mask=ok, other=0.0)
-        wu = tl.load(w_ptr + kk[:, None] * s_wd + (F + f)[None, :] * s_wf, mask=ok, other=0.0)
-        acc_g += tl.sum(wg.to(tl.float32) * x[:, None], 0)
-        acc_u += tl.sum(wu.to(tl.float32) * x[:, None], 0)
-    if SPLIT == 1:
-        a = glu_gate(acc_g, GEGLU) * acc_u
-        tl.store(a_ptr + s * s_am + f, a.to(a_ptr.dtype.element_ty), mask=f_ok)
-    else:  # partials laid out (slot, f block, split, gate/up, BLOCK_F)
-        b = tl.arange(0, BLOCK_F)
-        group = s * tl.num_programs(0) + pid_f
-        tl.store(part_ptr + (group * SPLIT + sp) * 2 * BLOCK_F + b, acc_g)
-        tl.store(part_ptr + (group * SPLIT + sp) * 2 * BLOCK_F + BLOCK_F + b, acc_u)
-        if _arrived_last(cnt_ptr + group, SPLIT):
-            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-            for j in tl.static_range(SPLIT):  # in split order, whichever program arrived last
-                acc_g += tl.load(part_ptr + (group * SPLIT + j) * 2 * BLOCK_F + b, cache_modifier=".cg")
-                acc_u += tl.load(part_ptr + (group * SPLIT + j) * 2 * BLOCK_F + BLOCK_F + b, cache_modifier=".cg")
-            a = glu_gate(acc_g, GEGLU) * acc_u
-            tl.store(a_ptr + s * s_am + f, a.to(a_ptr.dtype.element_ty), mask=f_ok)
+    acc_g, acc_u = _glu_up_dot(h_ptr + t * s_hm, h_ptr, 1.0, w_ptr + ex * s_we, f, f_ok, F, sp * CHUNK,
+                               s_wd, s_wf, Dm, False, CHUNK, BLOCK_K)
+    done, total = _split_total(tl.join(acc_g, acc_u), part_ptr, cnt_ptr, s * tl.num_programs(0) + pid_f, sp, SPLIT)
+    if done:
+        gate, up = tl.split(total)
+        tl.store(a_ptr + s * s_am + f, (glu_gate(gate, GEGLU) * up).to(a_ptr.dtype.element_ty), mask=f_ok)
 
 
 def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -> Tensor:
@@ -496,32 +510,12 @@ def _route_up_kernel(
         tl.store(wt_ptr, weight)
     f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
-    w_ptr += ex * s_we
-    acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-    for k0 in tl.static_range(0, CHUNK, BLOCK_K):
-        kk = sp * CHUNK + k0 + tl.arange(0, BLOCK_K)
-        k_ok = kk < Dm
-        x = tl.load(res_ptr + kk, mask=k_ok, other=0.0) * rstd * tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-        x = x.to(nw_ptr.dtype.element_ty).to(tl.float32)
-        ok = k_ok[:, None] & f_ok[None, :]
-        wg = tl.load(w_ptr + kk[:, None] * s_wd + f[None, :] * s_wf, mask=ok, other=0.0)
-        wu = tl.load(w_ptr + kk[:, None] * s_wd + (F + f)[None, :] * s_wf, mask=ok, other=0.0)
-        acc_g += tl.sum(wg.to(tl.float32) * x[:, None], 0)
-        acc_u += tl.sum(wu.to(tl.float32) * x[:, None], 0)
-    if SPLIT == 1:
-        tl.store(a_ptr + f, (glu_gate(acc_g, GEGLU) * acc_u).to(a_ptr.dtype.element_ty), mask=f_ok)
-    else:  # as _expert_up_kernel, one slot
-        b = tl.arange(0, BLOCK_F)
-        tl.store(part_ptr + (pid_f * SPLIT + sp) * 2 * BLOCK_F + b, acc_g)
-        tl.store(part_ptr + (pid_f * SPLIT + sp) * 2 * BLOCK_F + BLOCK_F + b, acc_u)
-        if _arrived_last(cnt_ptr + pid_f, SPLIT):
-            acc_g = tl.zeros([BLOCK_F], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_F], dtype=tl.float32)
-            for j in tl.static_range(SPLIT):
-                acc_g += tl.load(part_ptr + (pid_f * SPLIT + j) * 2 * BLOCK_F + b, cache_modifier=".cg")
-                acc_u += tl.load(part_ptr + (pid_f * SPLIT + j) * 2 * BLOCK_F + BLOCK_F + b, cache_modifier=".cg")
-            tl.store(a_ptr + f, (glu_gate(acc_g, GEGLU) * acc_u).to(a_ptr.dtype.element_ty), mask=f_ok)
+    acc_g, acc_u = _glu_up_dot(res_ptr, nw_ptr, rstd, w_ptr + ex * s_we, f, f_ok, F, sp * CHUNK,
+                               s_wd, s_wf, Dm, True, CHUNK, BLOCK_K)
+    done, total = _split_total(tl.join(acc_g, acc_u), part_ptr, cnt_ptr, pid_f, sp, SPLIT)
+    if done:
+        gate, up = tl.split(total)
+        tl.store(a_ptr + f, (glu_gate(gate, GEGLU) * up).to(a_ptr.dtype.element_ty), mask=f_ok)
 
 
 def route_glu_up(
@@ -579,17 +573,9 @@ def _expert_down_kernel(
             part += tl.sum(w.to(tl.float32) * a[:, None], 0)
         acc += tl.load(g_ptr + s).to(tl.float32) * part
     ptrs = res_ptr + t * s_rm + n
-    if SPLIT == 1:
-        tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + acc, mask=n_ok)
-    else:  # partials laid out (token, output block, split, BLOCK_N)
-        b = tl.arange(0, BLOCK_N)
-        group = t * tl.num_programs(0) + pid_n
-        tl.store(part_ptr + (group * SPLIT + sp) * BLOCK_N + b, acc)
-        if _arrived_last(cnt_ptr + group, SPLIT):
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for i in tl.static_range(SPLIT):  # in split order, whichever program arrived last
-                acc += tl.load(part_ptr + (group * SPLIT + i) * BLOCK_N + b, cache_modifier=".cg")
-            tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + acc, mask=n_ok)
+    done, total = _split_total(acc[:, None], part_ptr, cnt_ptr, t * tl.num_programs(0) + pid_n, sp, SPLIT)
+    if done:
+        tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + tl.reshape(total, [BLOCK_N]), mask=n_ok)
 
 
 def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_out: Tensor) -> Tensor:
