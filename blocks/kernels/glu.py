@@ -21,8 +21,8 @@ from torch import Tensor
 from blocks.kernels import interpreting
 
 GATES = ("swiglu", "geglu")
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # a global a kernel reads must be a constexpr
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
