@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from analysis import plots
@@ -36,7 +35,7 @@ from analysis.metrics import byte_label, layer_summary, top_tokens_table
 from analysis.report import Section, write_html, write_markdown
 from analysis.runs import layer_arrays, load_matrix
 from blocks.accounting import account
-from blocks.model import LM
+from blocks.model import LM, next_token_loss
 from experiments.checkpoint import CheckpointError
 from experiments.config import ConfigError, compose
 from experiments.data import SEPARATOR, DataConfig, ValBatches, load_source, split_by_name, stdlib_files
@@ -122,7 +121,7 @@ def route(model: LM, batches, device: str | torch.device) -> tuple[dict[str, np.
             x_BL, y_BL = x_BL.to(device), y_BL.to(device)
             current["ids"] = x_BL.reshape(-1)
             logits_BLV, _ = model(x_BL)
-            nll += F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten(), reduction="sum").item()
+            nll += next_token_loss(logits_BLV, y_BL, reduction="sum").item()
             n += y_BL.numel()
     finally:
         for handle in handles:

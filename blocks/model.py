@@ -24,6 +24,18 @@ from routers import Router
 MLP_KINDS = ("mlp", "moe")
 
 
+def next_token_loss(logits_BLV: Tensor, y_BL: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of the logits against the next tokens, in fp32 (mean over tokens, or "sum"). On CUDA a
+    kernel reads the bf16 logits as they are (blocks.kernels.cross_entropy); elsewhere, and inside
+    pytorch_reference(), F.cross_entropy on an fp32 copy, the kernel's twin."""
+    x_NV, y_N = logits_BLV.flatten(0, 1), y_BL.flatten()
+    if use_triton(x_NV) and x_NV.dtype != torch.float64:
+        from blocks.kernels.cross_entropy import cross_entropy_triton  # imports Triton: Linux only
+
+        return cross_entropy_triton(x_NV, y_N, reduction=reduction)
+    return F.cross_entropy(x_NV.float(), y_N, reduction=reduction)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int | None = 256  # None in a run config: taken from the data

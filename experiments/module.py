@@ -6,11 +6,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from blocks.accounting import account
 from blocks.expert_parallel import sync_expert_grads
+from blocks.model import next_token_loss
 from experiments import distributed
 from experiments.build import build_model
 from experiments.config import FUSED_WITH_SCALER
@@ -85,7 +85,7 @@ class LMModule(L.LightningModule):
             for moe in self.moe_layers.values():
                 moe.observe_tokens(x_BL)
         logits_BLV, aux = self.model(x_BL)
-        return F.cross_entropy(logits_BLV.float().flatten(0, 1), y_BL.flatten()), aux
+        return next_token_loss(logits_BLV, y_BL), aux
 
     def _forward_loss(self, batch):
         lm_loss, aux = self._lm_loss(batch)
