@@ -92,8 +92,12 @@ class MixerBlock(nn.Module):
         self.mixer = mixer
 
     def forward(self, residual: Tensor, cache=None) -> tuple[Tensor, dict]:
-        h = self.norm(residual.to(self.norm.weight.dtype))
-        return residual + self.mixer(h, cache).float(), {}
+        out, aux = self.branch(self.norm(residual.to(self.norm.weight.dtype)), cache)
+        return residual + out.float(), aux
+
+    def branch(self, h: Tensor, cache=None) -> tuple[Tensor, dict]:
+        """What the block adds to the residual stream, from its normed input h (LM.forward's fused path)."""
+        return self.mixer(h, cache), {}
 
     def step(self, residual_BD: Tensor, cache) -> Tensor:
         h = self.norm(residual_BD.to(self.norm.weight.dtype))
@@ -109,9 +113,13 @@ class MLPBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, residual: Tensor, cache=None) -> tuple[Tensor, dict]:
-        out = self.mlp(self.norm(residual.to(self.norm.weight.dtype)))
-        out, aux = out if isinstance(out, tuple) else (out, {})
+        out, aux = self.branch(self.norm(residual.to(self.norm.weight.dtype)))
         return residual + out.float(), aux
+
+    def branch(self, h: Tensor, cache=None) -> tuple[Tensor, dict]:
+        """What the block adds to the residual stream, and an MoE's aux losses, from its normed input h."""
+        out = self.mlp(h)
+        return out if isinstance(out, tuple) else (out, {})
 
     def step(self, residual_BD: Tensor) -> Tensor:
         """One decoding step; an MoE takes its sync-free decode path (blocks.moe_decode)."""
@@ -187,11 +195,31 @@ class LM(nn.Module):
         """
         residual = self.embedding(idx_BL).float()
         aux_total: dict[str, Tensor] = {}
+        fused = use_triton(residual) and self.embedding.weight.dtype != torch.float64
+        out = None  # on the fused path: the last block's output, not yet added to the residual stream
         for i, block in enumerate(self.layers):
-            residual, aux = block(residual, None if cache is None else cache[i])
+            c = None if cache is None else cache[i]
+            if fused:  # add the previous block's output and norm for this block in one kernel
+                residual, h = self._add_norm(residual, out, block.norm)
+                out, aux = block.branch(h, c)
+            else:
+                residual, aux = block(residual, c)
             for k, v in aux.items():
                 aux_total[k] = aux_total[k] + v if k in aux_total else v
+        if out is not None:
+            residual = residual + out  # fp32 + the block's dtype: one kernel
         return self.head(residual), aux_total
+
+    @staticmethod
+    def _add_norm(residual: Tensor, out: Tensor | None, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
+        """(residual + out, norm(residual + out)) by blocks.kernels.add_norm; h in the dtype the block's
+        projections compute in (autocast's, else the norm weight's), which saves them casting it."""
+        from blocks.kernels.add_norm import add_rms_norm_triton  # imports Triton: Linux only
+
+        device = residual.device.type
+        h_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else norm.weight.dtype
+        eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+        return add_rms_norm_triton(residual, out, norm.weight, eps, h_dtype)
 
     def end_step(self) -> None:
         """End of an optimizer step in training: every router updates the state it carries between steps
