@@ -11,6 +11,9 @@ train_bf16  the same with the weights cast to bf16 first (bench_train.py's "bf16
 gaps    where the GPU idles in that fwd+bwd (fp32 weights): the time between one kernel's end and the next one's
         start, summed by the host op that launched the next kernel and that kernel, and the host's CUDA calls
 gaps_bf16  the same with bf16 weights
+copies  the PyTorch ops of that fwd+bwd (fp32 weights) that launch elementwise, copy and reduction kernels,
+        by input shapes and dtypes, with the CUDA time of the kernels each launched: which copies, casts and
+        adds the step still pays for
 host    that fwd+bwd timed without the profiler, fp32 and bf16 weights: wall time, and the host's time to enqueue
         it (when the two are close, the host is what bounds it); then the same fwd+bwd replayed from one CUDA
         graph as trainer.cuda_graph=true runs it, its loss against the eager one, and the replay's kernels
@@ -216,6 +219,30 @@ def host(top: int) -> None:
         log(f"| {weights} | {statistics.median(walls):.2f} | {statistics.median(enqueues):.2f} | {replay} | {diff} |")
 
 
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::_grouped_mm", "aten::linear",
+            "aten::matmul", "aten::baddbmm")
+
+
+def copies(top: int) -> None:
+    _, _, _, step = train_step()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key.startswith("aten::") and e.key not in GEMM_OPS and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in rows)
+    log(f"\n## PyTorch ops launching non-GEMM kernels in one fwd+bwd (fp32 weights): {total / 1e3:.3f} ms")
+    log("| op | input shapes | dtypes | calls | ms |")
+    log("|---|---|---|---:|---:|")
+    for e in sorted(rows, key=lambda e: -e.self_device_time_total)[:top]:
+        dtypes = getattr(e, "input_dtypes", None) or ""  # recorded with the shapes where torch keeps them
+        log(f"| {e.key} | {str(e.input_shapes)[:80]} | {str(dtypes)[:60]} | {e.count} | "
+            f"{e.self_device_time_total / 1e3:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="mixer,decode,train,train_bf16")
@@ -226,7 +253,7 @@ def main() -> None:
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     sections = {"mixer": mixer, "decode": decode, "train": train,
                 "train_bf16": lambda top: train(top, bf16_weights=True), "gaps": gaps,
-                "gaps_bf16": lambda top: gaps(top, bf16_weights=True), "host": host}
+                "gaps_bf16": lambda top: gaps(top, bf16_weights=True), "copies": copies, "host": host}
     for name in args.only.split(","):
         if name not in sections:
             sys.exit(f"error: unknown section '{name}'; valid: {', '.join(sections)}")

@@ -5,8 +5,8 @@ weight reads; launches, dtype casts and one-token grouped GEMMs take the time. H
 few fused launches that update the fp32 residual stream in place:
 
   Mamba block   norm + in_proj + conv -> x_proj in input slices -> dt_proj + SSM update + gate -> out_proj
-                into the residual (from batch 2 the module's norm and in_proj, x_proj and dt_proj on cuBLAS,
-                the conv-step and SSM-step kernels between them: there the projections are real GEMMs)
+                into the residual (from batch 2: the RMSNorm kernel of blocks.kernels.add_norm; in_proj, x_proj,
+                dt_proj and out_proj on cuBLAS, real GEMMs there; the conv-step and SSM-step kernels between them)
   MoE block     norm + router logits (+ a top-1 router's choice) -> expert up + GLU -> expert down into the residual
                 (fewer slots than experts, batch 1: only the routed experts are read; one token and a top-1
                 router without a shared expert: norm, routing and expert up are one kernel); otherwise every
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blocks.kernels.add_norm import add_rms_norm_triton
 from blocks.kernels.causal_conv1d import causal_conv1d_step_triton
 from blocks.kernels.decode import (
     dt_proj_ssm_step, expert_down_residual_, linear_residual_, norm_gate, norm_in_proj_conv, route_glu_up,
@@ -30,7 +31,7 @@ from blocks.kernels.decode import (
 from blocks.kernels.ssm_step import selective_state_step_triton
 from blocks.mamba import Mamba, MambaCache
 from blocks.moe import MoE
-from blocks.moe_decode import add_dense_experts_, add_routed_experts_, route
+from blocks.moe_decode import add_dense_experts_, add_routed_experts_, addmm_fp32_, route
 
 ROUTE_UP = True  # one token, top-1 router: route_glu_up instead of norm_gate + expert_glu_up (benchmarks toggle it)
 
@@ -65,7 +66,8 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
             cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
         )
     else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
-        x_BE, z_BE = m.in_proj(block.norm(res_BD.to(block.norm.weight.dtype))).chunk(2, dim=-1)
+        _, h_BD = add_rms_norm_triton(res_BD, None, block.norm.weight, _eps(block.norm), block.norm.weight.dtype)
+        x_BE, z_BE = m.in_proj(h_BD).chunk(2, dim=-1)
         x_BE = causal_conv1d_step_triton(x_BE, cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, silu=True)
     R, N = m.dt_rank, m.d_state
     if res_BD.shape[0] == 1:  # x_proj in input slices, then dt_proj inside the SSM-step kernel: no cuBLAS
@@ -79,7 +81,10 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
             cache.ssm_state, x_BE, dt_BE, m.A_log, dbc[:, R:R + N], dbc[:, R + N:], D=m.D, z=z_BE,
             dt_bias=m.dt_proj.bias, dt_softplus=True, A_is_log=True,
         )
-    linear_residual_(res_BD, y_BE, m.out_proj.weight)
+    if res_BD.shape[0] == 1 or not res_BD.is_cuda:
+        linear_residual_(res_BD, y_BE, m.out_proj.weight)
+    else:  # a real GEMM from batch 2: cuBLAS, accumulating into the residual
+        addmm_fp32_(res_BD, y_BE, m.out_proj.weight.t())
 
 
 def moe_step_(block, res_TD: Tensor) -> None:

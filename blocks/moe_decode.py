@@ -66,7 +66,15 @@ def add_dense_experts_(out_TD: Tensor, moe: MoE, x_TD: Tensor, ids_TK: Tensor, w
     E = moe.num_experts
     up_ETH = torch.bmm(x_TD.expand(E, T, D), moe.w_in.to(x_TD.dtype))
     a_TX = gated_glu(up_ETH, ids_TK, weights_TK, moe.cfg.activation)
-    return out_TD.add_(a_TX @ moe.w_out.to(x_TD.dtype).reshape(-1, D))
+    return addmm_fp32_(out_TD, a_TX, moe.w_out.to(x_TD.dtype).reshape(-1, D))
+
+
+def addmm_fp32_(out_MN: Tensor, a_MK: Tensor, b_KN: Tensor) -> Tensor:
+    """out += a @ b for an fp32 out: on CUDA with bf16/fp16 operands one cuBLAS GEMM that accumulates into out
+    (no product tensor, no separate add); elsewhere the product, then the add. Returns out."""
+    if out_MN.is_cuda and a_MK.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(out_MN, a_MK, b_KN, torch.float32, out=out_MN)
+    return out_MN.add_(a_MK @ b_KN)
 
 
 def moe_step(moe: MoE, x_TD: Tensor, logits_TE: Tensor | None = None) -> Tensor:
