@@ -191,7 +191,9 @@ class LM(nn.Module):
     def forward(self, idx_BL: Tensor, cache: list | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits (B, L, V) and the auxiliary losses summed over MoE layers.
 
-        With a cache (from allocate_cache) the tokens continue the cached sequences (prefill).
+        With a cache (from allocate_cache) the tokens continue the cached sequences (prefill). On CUDA each
+        block's output is added to the residual stream inside the next block's RMSNorm kernel
+        (blocks.kernels.add_norm); elsewhere, and inside pytorch_reference(), each block runs its own forward.
         """
         residual = self.embedding(idx_BL).float()
         aux_total: dict[str, Tensor] = {}
