@@ -165,6 +165,16 @@ def moe_experts(
     return moe_experts_ref(x_TD, expert_ids_TK, weights_TK, mask_TK, w_in, w_out, activation)
 
 
+def gate_logits(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None) -> Tensor:
+    """The router's fp32 logits x W^T + b from x in its own dtype: a kernel that reads x once on CUDA
+    (blocks.kernels.gate), F.linear on fp32 copies (its twin) elsewhere."""
+    if use_triton(x_TD) and x_TD.dtype != torch.float64:
+        from blocks.kernels.gate import gate_logits_triton  # imports Triton, which only Linux installs
+
+        return gate_logits_triton(x_TD, weight_ED, bias_E)
+    return F.linear(x_TD.float(), weight_ED.float(), None if bias_E is None else bias_E.float())
+
+
 class MoE(nn.Module):
     """Mixture-of-experts MLP (BlackMamba's MoE block): y = sum_k g_k(x) * expert_{e_k}(x) [+ shared(x)].
 
@@ -257,7 +267,7 @@ class MoE(nn.Module):
         B, L, D = x_BLD.shape
         x_TD = x_BLD.reshape(B * L, D)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float(), self.gate.bias.float())
+            logits_TE = gate_logits(x_TD, self.gate.weight, self.gate.bias)
         routing = self.router(logits_TE)
         mask_TK = routing.mask_TK
         if self.training and self.cfg.capacity_factor is not None:
