@@ -1,6 +1,7 @@
 """Whole-model training step on one GPU, bf16-mixed, B 8 x L 2048: the BlackMamba presets and baselines.
 
     python benchmarks/bench_train.py [--models blackmamba-1.5b,transformer] [--no-compile] [--offtheshelf PATH]
+                                      [--ablate add_norm,cross_entropy,gate,moe_experts | all]
     python benchmarks/bench_train.py --smoke     # the same code on the CPU: tiny shapes, fp32, no compile
 
 Every model is composed by experiments.config.compose, as run.py composes it, and built by LMModule, so it is
@@ -12,6 +13,8 @@ vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model:
             first steps of `step` below, that the training loss is finite and falls
   fwd+bwd   model forward, loss (LMModule's, with the routers' aux losses) and backward under bf16 autocast
             with fp32 weights, which is what Lightning's bf16-mixed runs; no optimizer
+  without   (--ablate) fwd+bwd again with one kernel at a time on its PyTorch twin (pytorch_reference(name)):
+            what that kernel buys, in the same process
   bf16 w    fwd+bwd again after casting the weights to bf16 (trainer.precision=bf16-true, as the anchor runs)
   step      the whole training step as a run takes it: Lightning's Trainer (the one experiments.train builds)
             driving LMModule.training_step, backward, the non-finite check, gradient clipping, the AdamW of
@@ -52,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from blocks import scan_backend  # noqa: E402
-from blocks.kernels import pytorch_reference  # noqa: E402
+from blocks.kernels import KERNELS, pytorch_reference  # noqa: E402
 from blocks.mamba import Mamba  # noqa: E402
 from experiments.config import compose  # noqa: E402
 from experiments.module import LMModule  # noqa: E402
@@ -90,6 +93,7 @@ class Setup:
     compile: bool
     smoke: bool
     mixer_backend: str = "auto"  # mixer.backend of the Mamba models
+    ablate: tuple[str, ...] = ()  # kernels (blocks.kernels.KERNELS) timed off one at a time (--ablate)
     peak: float = 0.0  # dense matmul FLOP/s, measured in this process
     log_file: Path | None = None
 
@@ -344,6 +348,9 @@ def bench_eager(name: str, setup: Setup) -> Result:
                f"(rel {c['loss_rel']:.1e}), grad norm rel {c['grad_norm_rel']:.1e}: "
                f"{'ok' if c['kernels_match'] else 'MISMATCH'}")
     time_fwd_bwd(module, result, "fwd+bwd", setup)
+    for kernel in setup.ablate:  # what each kernel buys: the same fwd+bwd with it alone on its PyTorch twin
+        with pytorch_reference(kernel):
+            time_fwd_bwd(module, result, f"fwd+bwd without {kernel}", setup)
     check_training(module, result, "step", setup)
     # the same step with the multi-tensor AdamW (optim.impl=foreach) instead of the run's default (fused on a GPU)
     impl = module.cfg.optim.impl
@@ -462,8 +469,8 @@ def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
 
 
 def table(results: list[Result], anchor: dict[str, float], setup: Setup) -> None:
-    variants = ["fwd+bwd", "fwd+bwd bf16 weights", "step", "step foreach AdamW", "step, CUDA graph",
-                "fwd+bwd compiled", "step compiled"]
+    variants = ["fwd+bwd", *(f"fwd+bwd without {k}" for k in setup.ablate), "fwd+bwd bf16 weights", "step",
+                "step foreach AdamW", "step, CUDA graph", "fwd+bwd compiled", "step compiled"]
     log(setup, "\n| model | params total / active | check | variant | ms | tokens/s | 6N-MFU | peak GB | ours / off-the-shelf |")
     log(setup, "|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
@@ -491,12 +498,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mixer-backend", default="auto", choices=("auto", "triton", "mamba_ssm"),
                     help="mixer.backend of the Mamba models (auto: the platform's choice; triton: ours only)")
     ap.add_argument("--offtheshelf", metavar="PATH", help="run this anchor script after ours and print the ratios")
+    ap.add_argument("--ablate", default="", metavar="KERNELS",
+                    help=f"also time the fwd+bwd with each of these kernels on its PyTorch twin, one at a time "
+                         f"(comma-separated, or 'all': {', '.join(KERNELS)})")
     ap.add_argument("--budget-s", type=float, default=170.0,
                     help="no compile variant starts once the run has taken this many seconds (default 170)")
     args = ap.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(MODELS)}")
+    args.ablate = KERNELS if args.ablate == "all" else tuple(k for k in args.ablate.split(",") if k)
+    unknown = [k for k in args.ablate if k not in KERNELS]
+    if unknown:
+        ap.error(f"unknown kernel(s) in --ablate: {', '.join(unknown)}; valid: {', '.join(KERNELS)} or all")
     return args
 
 
@@ -507,11 +521,11 @@ def make_setup(args: argparse.Namespace) -> Setup:
         log_file.write_text("")
     if args.smoke:
         return Setup(torch.device("cpu"), 2, 32, (1, 16), warmup=0, reps=1, compile=False, smoke=True,
-                     log_file=log_file)
+                     ablate=args.ablate, log_file=log_file)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU (or --smoke for the CPU path)")
     return Setup(torch.device("cuda"), 8, 2048, (1, 512), warmup=2, reps=5, compile=not args.no_compile,
-                 smoke=False, mixer_backend=args.mixer_backend, log_file=log_file)
+                 smoke=False, mixer_backend=args.mixer_backend, ablate=args.ablate, log_file=log_file)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

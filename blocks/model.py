@@ -29,7 +29,7 @@ def next_token_loss(logits_BLV: Tensor, y_BL: Tensor, reduction: str = "mean") -
     kernel reads the bf16 logits as they are (blocks.kernels.cross_entropy); elsewhere, and inside
     pytorch_reference(), F.cross_entropy on an fp32 copy, the kernel's twin."""
     x_NV, y_N = logits_BLV.flatten(0, 1), y_BL.flatten()
-    if use_triton(x_NV) and x_NV.dtype != torch.float64:
+    if use_triton(x_NV, kernel="cross_entropy") and x_NV.dtype != torch.float64:
         from blocks.kernels.cross_entropy import cross_entropy_triton  # imports Triton: Linux only
 
         return cross_entropy_triton(x_NV, y_N, reduction=reduction)
@@ -197,7 +197,7 @@ class LM(nn.Module):
         """
         residual = self.embedding(idx_BL).float()
         aux_total: dict[str, Tensor] = {}
-        fused = use_triton(residual) and self.embedding.weight.dtype != torch.float64
+        fused = use_triton(residual, kernel="add_norm") and self.embedding.weight.dtype != torch.float64
         out = None  # on the fused path: the last block's output, not yet added to the residual stream
         for i, block in enumerate(self.layers):
             c = None if cache is None else cache[i]

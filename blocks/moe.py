@@ -156,7 +156,7 @@ def moe_experts(
     On an H200 the kernels measured faster than argsort + torch._grouped_mm at every benchmarked shape
     (benchmarks/RESULTS.md), so CUDA always takes them. max_active_slots: a bound on the unmasked slots,
     which lets the kernels size their buffers to it (expert-choice routing keeps E * capacity of T * E)."""
-    if use_triton(x_TD):
+    if use_triton(x_TD, kernel="moe_experts"):
         from blocks.kernels.moe import moe_experts_triton  # imports Triton, which only Linux installs
 
         return moe_experts_triton(
@@ -168,7 +168,7 @@ def moe_experts(
 def gate_logits(x_TD: Tensor, weight_ED: Tensor, bias_E: Tensor | None) -> Tensor:
     """The router's fp32 logits x W^T + b from x in its own dtype: a kernel that reads x once on CUDA
     (blocks.kernels.gate), F.linear on fp32 copies (its twin) elsewhere."""
-    if use_triton(x_TD) and x_TD.dtype != torch.float64:
+    if use_triton(x_TD, kernel="gate") and x_TD.dtype != torch.float64:
         from blocks.kernels.gate import gate_logits_triton  # imports Triton, which only Linux installs
 
         return gate_logits_triton(x_TD, weight_ED, bias_E)

@@ -34,6 +34,21 @@ def test_pytorch_reference_turns_the_kernels_off_and_restores_them():
         assert use_triton(x)
 
 
+def test_pytorch_reference_can_turn_off_single_kernels():
+    x = torch.zeros(2)
+    with force_triton():
+        with pytorch_reference("gate"):
+            assert not use_triton(x, kernel="gate")
+            assert use_triton(x, kernel="add_norm") and use_triton(x)
+            with pytorch_reference("add_norm"):  # nested: both off, then gate alone again
+                assert not use_triton(x, kernel="add_norm") and not use_triton(x, kernel="gate")
+            assert use_triton(x, kernel="add_norm")
+        assert use_triton(x, kernel="gate")
+    with pytest.raises(ValueError, match="valid: add_norm"):
+        with pytorch_reference("nope"):
+            pass
+
+
 @pytest.mark.slow  # about 30 s on 2 cores: two models, each checked, timed and trained a few steps
 def test_smoke_run_checks_times_and_compares_with_the_anchor(tmp_path, monkeypatch):
     """One Mamba + MoE and one attention + MLP model (every block kind), the anchor matched by its printed line."""
@@ -42,11 +57,13 @@ def test_smoke_run_checks_times_and_compares_with_the_anchor(tmp_path, monkeypat
     monkeypatch.setenv("OUT", str(tmp_path))
     monkeypatch.chdir(tmp_path)  # its outputs/ folder (Lightning's default root) stays in tmp_path
     bench = load_bench()
-    results = bench.main(["--smoke", "--models", "blackmamba-1.5b,transformer", "--offtheshelf", str(anchor)])
+    results = bench.main(["--smoke", "--models", "blackmamba-1.5b,transformer", "--offtheshelf", str(anchor),
+                          "--ablate", "gate,cross_entropy"])
     assert [r.name for r in results] == ["blackmamba-1.5b", "transformer"]
     for r in results:
         assert r.check["kernels_match"] and r.check["loss_falls"] and r.check["cuda_graph_matches_eager"], r.check
-        assert set(r.variants) == {"fwd+bwd", "fwd+bwd bf16 weights", "step", "step foreach AdamW",
+        assert set(r.variants) == {"fwd+bwd", "fwd+bwd without gate", "fwd+bwd without cross_entropy",
+                                   "fwd+bwd bf16 weights", "step", "step foreach AdamW",
                                    "step, CUDA graph"}  # --smoke never compiles
         assert all(v["tokens_per_s"] > 0 for v in r.variants.values())
         assert 0 < r.params_active <= r.params_total
@@ -70,6 +87,16 @@ def test_unknown_model_is_refused_with_the_valid_names(capsys):
     with pytest.raises(SystemExit):
         load_bench().parse_args(["--models", "blackmamba-9b"])
     assert "blackmamba-1.5b" in capsys.readouterr().err
+
+
+def test_ablate_takes_kernel_names_or_all(capsys):
+    bench = load_bench()
+    assert bench.parse_args(["--ablate", "gate,add_norm"]).ablate == ("gate", "add_norm")
+    assert bench.parse_args(["--ablate", "all"]).ablate == bench.KERNELS
+    assert bench.parse_args([]).ablate == ()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ablate", "gate,scan"])
+    assert "unknown kernel(s) in --ablate: scan" in capsys.readouterr().err
 
 
 def test_every_model_composes_at_its_full_size():
