@@ -307,10 +307,12 @@ def time_train_step(module: LMModule, result: Result, variant: str, setup: Setup
 
 
 def compile_blocks(module: LMModule) -> None:
-    """torch.compile each block in place. Blocks of one kind share their code and, with nn.Module inlining
+    """torch.compile each block in place: its forward and its branch (what LM.forward's kernel path calls,
+    the residual add and norm being kernels). Blocks of one kind share their code and, with nn.Module inlining
     (the default), their graphs: the compile cost is paid once per block kind, not once per layer."""
     for block in module.model.layers:
         block.compile()
+        block.branch = torch.compile(block.branch)
 
 
 def build(name: str, setup: Setup) -> LMModule:

@@ -142,6 +142,7 @@ class _AddRMSNorm(torch.autograd.Function):
         return dr, dout, dw, None, None
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton kernels launched from autograd functions
 def add_rms_norm_triton(
     r: Tensor, out: Tensor | None, weight: Tensor, eps: float, h_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:

@@ -97,6 +97,7 @@ class _CrossEntropy(torch.autograd.Function):
         return dx_NV, None, None
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton kernels launched from autograd functions
 def cross_entropy_triton(x_NV: Tensor, y_N: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """The loss of logits x_NV (N, V, any float dtype) against integer targets y_N (N,), in fp32; reduction
     "mean" (over the rows not ignored, as F.cross_entropy), "sum" or "none". Differentiable in x_NV."""

@@ -120,6 +120,7 @@ class _GateLogits(torch.autograd.Function):
         return dx, dw_part.sum(0).to(w_ED.dtype), db
 
 
+@torch.compiler.disable  # torch.compile does not trace into Triton kernels launched from autograd functions
 def gate_logits_triton(x_TD: Tensor, w_ED: Tensor, b_E: Tensor | None) -> Tensor:
     """fp32 router logits (T, E) = x W^T + b for x (T, D) in any float dtype and an nn.Linear's weight (E, D)
     and bias (E,) or None. Differentiable in all three."""
