@@ -12,7 +12,7 @@ gaps    where the GPU idles in that fwd+bwd (fp32 weights): the time between one
         start, summed by the host op that launched the next kernel and that kernel, and the host's CUDA calls
 gaps_bf16  the same with bf16 weights
 copies  the PyTorch ops of that fwd+bwd (fp32 weights) that launch elementwise, copy and reduction kernels,
-        by input shapes and dtypes, with the CUDA time of the kernels each launched: which copies, casts and
+        by input shapes, with the CUDA time of the kernels each launched: which copies, casts and
         adds the step still pays for
 host    that fwd+bwd timed without the profiler, fp32 and bf16 weights: wall time, and the host's time to enqueue
         it (when the two are close, the host is what bounds it); then the same fwd+bwd replayed from one CUDA
@@ -235,12 +235,10 @@ def copies(top: int) -> None:
             if e.key.startswith("aten::") and e.key not in GEMM_OPS and e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in rows)
     log(f"\n## PyTorch ops launching non-GEMM kernels in one fwd+bwd (fp32 weights): {total / 1e3:.3f} ms")
-    log("| op | input shapes | dtypes | calls | ms |")
-    log("|---|---|---|---:|---:|")
+    log("| op | input shapes | calls | ms |")
+    log("|---|---|---:|---:|")
     for e in sorted(rows, key=lambda e: -e.self_device_time_total)[:top]:
-        dtypes = getattr(e, "input_dtypes", None) or ""  # recorded with the shapes where torch keeps them
-        log(f"| {e.key} | {str(e.input_shapes)[:80]} | {str(dtypes)[:60]} | {e.count} | "
-            f"{e.self_device_time_total / 1e3:.3f} |")
+        log(f"| {e.key} | {str(e.input_shapes)[:80]} | {e.count} | {e.self_device_time_total / 1e3:.3f} |")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blocks.kernels.add_norm import add_rms_norm_triton
+from blocks.kernels.add_norm import add_rms_norm_triton, rms_eps
 from blocks.kernels.causal_conv1d import causal_conv1d_step_triton
 from blocks.kernels.decode import (
     dt_proj_ssm_step, expert_down_residual_, linear_residual_, norm_gate, norm_in_proj_conv, route_glu_up,
@@ -34,11 +34,6 @@ from blocks.moe import MoE
 from blocks.moe_decode import add_dense_experts_, add_routed_experts_, addmm_fp32_, route
 
 ROUTE_UP = True  # one token, top-1 router: route_glu_up instead of norm_gate + expert_glu_up (benchmarks toggle it)
-
-
-def _eps(norm: nn.RMSNorm) -> float:
-    """The module's eps; None means that of its input's dtype, which the block casts to the weights' dtype."""
-    return norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
 
 
 def _fusable_norm(norm: nn.Module) -> bool:
@@ -62,11 +57,11 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     m: Mamba = block.mixer
     if res_BD.shape[0] == 1:
         x_BE, z_BE = norm_in_proj_conv(
-            res_BD, block.norm.weight, _eps(block.norm), m.in_proj.weight,
+            res_BD, block.norm.weight, rms_eps(block.norm), m.in_proj.weight,
             cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
         )
     else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
-        _, h_BD = add_rms_norm_triton(res_BD, None, block.norm.weight, _eps(block.norm), block.norm.weight.dtype)
+        _, h_BD = add_rms_norm_triton(res_BD, None, block.norm.weight, rms_eps(block.norm), block.norm.weight.dtype)
         x_BE, z_BE = m.in_proj(h_BD).chunk(2, dim=-1)
         x_BE = causal_conv1d_step_triton(x_BE, cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, silu=True)
     R, N = m.dt_rank, m.d_state
@@ -95,12 +90,12 @@ def moe_step_(block, res_TD: Tensor) -> None:
     if ROUTE_UP and T == 1 and gate is not None and moe.shared is None:
         w_dtype = block.norm.weight.dtype  # the normed input's dtype, as norm_gate rounds it
         a_SF, ids_TK, weights_TK = route_glu_up(
-            res_TD, block.norm.weight, _eps(block.norm), moe.gate.weight, moe.gate.bias, gate,
+            res_TD, block.norm.weight, rms_eps(block.norm), moe.gate.weight, moe.gate.bias, gate,
             moe.w_in.to(w_dtype), moe.cfg.activation,
         )
         expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, moe.w_out.to(w_dtype))
         return
-    out = norm_gate(res_TD, block.norm.weight, _eps(block.norm), moe.gate.weight, moe.gate.bias, gate)
+    out = norm_gate(res_TD, block.norm.weight, rms_eps(block.norm), moe.gate.weight, moe.gate.bias, gate)
     h_TD, logits_TE = out[:2]
     # the router's top-1 rule was applied inside the kernel, or the router applies its own
     ids_TK, weights_TK = out[2:] if gate is not None else route(moe, logits_TE)

@@ -198,11 +198,18 @@ class LM(nn.Module):
         residual = self.embedding(idx_BL).float()
         aux_total: dict[str, Tensor] = {}
         fused = use_triton(residual, kernel="add_norm") and self.embedding.weight.dtype != torch.float64
+        if fused:  # add each block's output and form the next block's norm in one kernel (blocks.kernels.add_norm)
+            from blocks.kernels.add_norm import add_rms_norm_triton, rms_eps  # imports Triton: Linux only
+
+            # h in the dtype the blocks' projections compute in (autocast's, else the weights'): no cast there
+            dev = residual.device.type
+            autocast_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         out = None  # on the fused path: the last block's output, not yet added to the residual stream
         for i, block in enumerate(self.layers):
             c = None if cache is None else cache[i]
-            if fused:  # add the previous block's output and norm for this block in one kernel
-                residual, h = self._add_norm(residual, out, block.norm)
+            if fused:
+                w = block.norm.weight
+                residual, h = add_rms_norm_triton(residual, out, w, rms_eps(block.norm), autocast_dtype or w.dtype)
                 out, aux = block.branch(h, c)
             else:
                 residual, aux = block(residual, c)
@@ -211,17 +218,6 @@ class LM(nn.Module):
         if out is not None:
             residual = residual + out  # fp32 + the block's dtype: one kernel
         return self.head(residual), aux_total
-
-    @staticmethod
-    def _add_norm(residual: Tensor, out: Tensor | None, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
-        """(residual + out, norm(residual + out)) by blocks.kernels.add_norm; h in the dtype the block's
-        projections compute in (autocast's, else the norm weight's), which saves them casting it."""
-        from blocks.kernels.add_norm import add_rms_norm_triton  # imports Triton: Linux only
-
-        device = residual.device.type
-        h_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else norm.weight.dtype
-        eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
-        return add_rms_norm_triton(residual, out, norm.weight, eps, h_dtype)
 
     def end_step(self) -> None:
         """End of an optimizer step in training: every router updates the state it carries between steps

@@ -268,8 +268,8 @@ def test_fused_lm_step_matches_module_steps(router, top_k, batch, pattern, share
 def test_fused_step_takes_the_norms_eps_as_the_module_does():
     from torch import nn
 
-    from blocks.fused_step import _eps
+    from blocks.kernels.add_norm import rms_eps  # what the fused step and LM.forward's kernel path use
 
-    assert _eps(nn.RMSNorm(4, eps=1e-5).bfloat16()) == 1e-5
+    assert rms_eps(nn.RMSNorm(4, eps=1e-5).bfloat16()) == 1e-5
     # eps=None: the eps of the input's dtype, and the blocks cast their input to the weights' dtype
-    assert _eps(nn.RMSNorm(4, eps=None).bfloat16()) == torch.finfo(torch.bfloat16).eps
+    assert rms_eps(nn.RMSNorm(4, eps=None).bfloat16()) == torch.finfo(torch.bfloat16).eps

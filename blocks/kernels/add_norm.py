@@ -142,6 +142,12 @@ class _AddRMSNorm(torch.autograd.Function):
         return dr, dout, dw, None, None
 
 
+def rms_eps(norm: torch.nn.RMSNorm) -> float:
+    """The eps an nn.RMSNorm applies: its own, or (None) that of its input's dtype, which the blocks make the
+    weight's dtype."""
+    return norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+
+
 @torch.compiler.disable  # torch.compile does not trace into Triton kernels launched from autograd functions
 def add_rms_norm_triton(
     r: Tensor, out: Tensor | None, weight: Tensor, eps: float, h_dtype: torch.dtype,

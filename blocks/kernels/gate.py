@@ -99,7 +99,7 @@ class _GateLogits(torch.autograd.Function):
             num_warps=warps,
         )
         ctx.save_for_backward(x_TD, w_ED)
-        ctx.has_bias, ctx.b_dtype = b_E is not None, None if b_E is None else b_E.dtype
+        ctx.b_dtype = None if b_E is None else b_E.dtype
         return out
 
     @staticmethod
@@ -116,7 +116,7 @@ class _GateLogits(torch.autograd.Function):
             g_TE, x_TD, w_ED, dx, dw_part, T, D, E, triton.cdiv(triton.cdiv(T, block_t), P),
             block_t, block_e, block_d, num_warps=warps,
         )
-        db = g_TE.sum(0).to(ctx.b_dtype) if ctx.has_bias else None
+        db = None if ctx.b_dtype is None else g_TE.sum(0).to(ctx.b_dtype)
         return dx, dw_part.sum(0).to(w_ED.dtype), db
 
 
