@@ -20,7 +20,8 @@ width, layers and experts (18 heads of 64), whose KV cache holds the full contex
    real long context costs: a decode step attends over the whole static KV cache (masked), and a Mamba
    step's work does not depend on the position at all. A KV cache larger than the free memory is skipped.
    Greedy decoding at the first context is also timed with the decoding kernels launched without
-   programmatic dependent launch ("cuda_graph no PDL"; blocks/kernels/decode.py).
+   programmatic dependent launch ("cuda_graph no PDL"; blocks/kernels/decode.py), and at batch 1 without
+   the kernels' L2 prefetch of later kernels' weights ("cuda_graph no prefetch").
    Peak memory is that of decoding (weights, cache, graph buffers); the prefill's own peak is in the JSON.
 Prints a table last; writes bench_generate.json and bench_generate.log under $OUT when it is set.
 --smoke runs the same code on the CPU with tiny models and contexts, without capture (the static decoder
@@ -288,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(measure(name, model, batch, contexts[0], mode, True, steps, device, " no PDL"))
                     finally:
                         decode.PDL = True
+                if capture and mode == "greedy" and batch == 1 and decode.PREFETCH:  # what the L2 prefetch gains
+                    decode.PREFETCH = False
+                    try:
+                        rows.append(measure(name, model, batch, contexts[0], mode, True, steps, device,
+                                            " no prefetch"))
+                    finally:
+                        decode.PREFETCH = True
         del model
         if capture:
             torch.cuda.empty_cache()

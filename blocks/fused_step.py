@@ -12,6 +12,10 @@ few fused launches that update the fp32 residual stream in place:
                 router without a shared expert: norm, routing and expert up are one kernel); otherwise every
                 expert runs on every token: one bmm, GLU + gate scaling in one kernel, one matmul
 
+At batch 1 the kernels also pull a later kernel's weights into L2 while they run (blocks/kernels/decode.py):
+norm + in_proj the block's out_proj, the routed expert's up kernel that expert's down projection, the expert
+down kernel the next Mamba block's in_proj.
+
 Any other block (attention, mamba2, dense MLP, a plug-in) takes its own `step`. The function is the same as
 the modules' steps (`pytorch_reference()` runs those), up to where values are rounded: the normed input is
 formed from the fp32 residual directly, and dt, the conv and the expert sums stay in fp32 between ops.
@@ -58,7 +62,7 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     if res_BD.shape[0] == 1:
         x_BE, z_BE = norm_in_proj_conv(
             res_BD, block.norm.weight, rms_eps(block.norm), m.in_proj.weight,
-            cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias,
+            cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, prefetch=_contiguous(m.out_proj.weight),
         )
     else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
         _, h_BD = add_rms_norm_triton(res_BD, None, block.norm.weight, rms_eps(block.norm), block.norm.weight.dtype)
@@ -82,18 +86,25 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
         addmm_fp32_(res_BD, y_BE, m.out_proj.weight.t())
 
 
-def moe_step_(block, res_TD: Tensor) -> None:
-    """res += moe(RMSNorm(res)) for one token per row (the router in its current mode, as moe_step)."""
+def _contiguous(w: Tensor) -> Tensor | None:
+    """w, if its bytes are one run that a kernel can pull into L2 for a later kernel (else None: no prefetch)."""
+    return w if w.is_contiguous() else None
+
+
+def moe_step_(block, res_TD: Tensor, next_w: Tensor | None = None) -> None:
+    """res += moe(RMSNorm(res)) for one token per row (the router in its current mode, as moe_step).
+    next_w: the next block's first weight, which the batch-1 kernels pull into L2 while they run."""
     moe: MoE = block.mlp
     T, K = res_TD.shape[0], moe.top_k
     gate = moe.router.eval_gate() if K == 1 and not moe.router.training else None
     if ROUTE_UP and T == 1 and gate is not None and moe.shared is None:
         w_dtype = block.norm.weight.dtype  # the normed input's dtype, as norm_gate rounds it
+        w_out = moe.w_out.to(w_dtype)
         a_SF, ids_TK, weights_TK = route_glu_up(
             res_TD, block.norm.weight, rms_eps(block.norm), moe.gate.weight, moe.gate.bias, gate,
-            moe.w_in.to(w_dtype), moe.cfg.activation,
+            moe.w_in.to(w_dtype), moe.cfg.activation, w_out=_contiguous(w_out),
         )
-        expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, moe.w_out.to(w_dtype))
+        expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, w_out, prefetch=next_w)
         return
     out = norm_gate(res_TD, block.norm.weight, rms_eps(block.norm), moe.gate.weight, moe.gate.bias, gate)
     h_TD, logits_TE = out[:2]
@@ -112,14 +123,19 @@ def fused_step(model, idx_B: Tensor, cache: list) -> Tensor:
     from blocks.model import MixerBlock  # the model module imports this one
 
     res_BD = model.embedding(idx_B).float()
-    for block, c in zip(model.layers, cache):
+    layers = list(model.layers)
+    for i, (block, c) in enumerate(zip(layers, cache)):
         if isinstance(block, MixerBlock):
             if fusable_mamba(block):
                 mamba_step_(block, res_BD, c)
             else:
                 res_BD = block.step(res_BD, c)
         elif fusable_moe(block):
-            moe_step_(block, res_BD)
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            next_w = None
+            if isinstance(nxt, MixerBlock) and fusable_mamba(nxt):  # its in_proj is the next kernel's weight
+                next_w = _contiguous(nxt.mixer.in_proj.weight)
+            moe_step_(block, res_BD, next_w)
         else:
             res_BD = block.step(res_BD)
     return model.head(res_BD)

@@ -213,6 +213,50 @@ def test_pdl_is_never_used_off_the_gpu():
     assert _launch({"num_warps": 4}) == {"num_warps": 4}
 
 
+def test_prefetch_is_never_used_off_the_gpu():
+    from blocks.kernels.decode import _pf_args
+
+    w = torch.zeros(4, 8)
+    assert _pf_args(w, w, {"num_warps": 4})["PF"] is False  # a CPU tensor (and the interpreter): no prefetch
+    assert _pf_args(None, w, {})["PF"] is False
+
+
+PTX_OF_EXPERT_DOWN = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from blocks.kernels import decode
+
+kernel = decode._expert_down_kernel
+ptr_types = {"ids_ptr": "*i64", "cnt_ptr": "*i32", "g_ptr": "*fp32", "res_ptr": "*fp32", "part_ptr": "*fp32"}
+values = dict(F=256, PDL=False, PF=sys.argv[1] == "on", PF_STEP=64, PF_BLOCK=128, BLOCK_N=64, BLOCK_F=64,
+              CHUNK=128, SPLIT=2)
+signature = {n: "constexpr" if n in values else ptr_types.get(n, "*bf16") if n.endswith("_ptr") else "i32"
+             for n in kernel.arg_names}
+constexprs = {(i,): values[n] for i, n in enumerate(kernel.arg_names) if n in values}
+src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("pf", ["on", "off"])
+def test_prefetch_survives_into_the_compiled_kernel(pf):
+    """The L2 prefetch has no result that anything reads: compiled for sm90 (on the CPU, no GPU needed; in a
+    child process, as this one runs Triton's interpreter), the expert down kernel must still hold the prefetch
+    instruction with PF on, and none with PF off."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", PTX_OF_EXPERT_DOWN, pf], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("prefetch.global.L2" in out.stdout) == (pf == "on")
+
+
 AUX_FREE = {"gate": "sigmoid", "aux_loss_coef": 0.0, "bias_update_rate": 1e-3}
 
 

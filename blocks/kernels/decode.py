@@ -24,6 +24,13 @@ kernel of a step writes) before it waits for its predecessor's results in turn; 
 is read or written before the wait. It overlaps launches with the kernel before; at batch 1 on an H200 that
 measured 1% of a step (benchmarks/RESULTS.md): the matrix-vector kernels, not the gaps, take the time.
 
+L2 prefetch (batch 1): one token's matrix-vector kernel waits on HBM latency with too few loads in flight to
+fill the bandwidth. So a kernel also pulls the weights of a kernel after it into L2 (`prefetch.global.L2`, one
+128-byte line per thread at a time, each program its share): the MoE block's expert down projection pulls the
+next Mamba block's in_proj, the Mamba block's norm + in_proj kernel its out_proj, and the routed expert's up
+kernel, once it has routed, that expert's down projection. Those kernels then read from L2. A prefetch writes
+nothing and returns nothing, so results do not depend on it.
+
 Their PyTorch twins are the modules' own steps (blocks.model.MixerBlock.step, MLPBlock.step): the reference
 functions at the end of this file spell out the same math with torch ops, and the tests compare the two.
 Shapes: M rows (the batch), D model width, E d_inner (Mamba) or experts (MoE), K conv width, S slots, F expert width.
@@ -56,6 +63,7 @@ from blocks.moe_decode import gated_glu_torch
 
 
 PDL = True  # launch with programmatic dependent launch where the GPU and Triton have it (benchmarks toggle it)
+PREFETCH = True  # batch-1 kernels pull a later kernel's weights into L2 (on CUDA only; benchmarks toggle it)
 
 
 @functools.cache
@@ -84,6 +92,42 @@ def _gdc_wait(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+def _prefetching(t: Tensor) -> bool:
+    return PREFETCH and t.is_cuda and not interpreting()
+
+
+_LINE = 128  # bytes of an L2 cache line
+
+
+def _pf_args(w: Tensor | None, like: Tensor, tiles: dict, numel: int | None = None) -> dict:
+    """The kernel arguments that make its programs pull w's bytes (a contiguous tensor; its first numel
+    elements with numel) into L2: pf_ptr, pf_lines, the PF flag (off without w, off the GPU and under the
+    interpreter), PF_STEP (elements a line) and PF_BLOCK (lines a program issues at a time: one a thread)."""
+    if w is None or not _prefetching(like):
+        return dict(pf_ptr=like, pf_lines=0, PF=False, PF_STEP=1, PF_BLOCK=1)
+    if not w.is_contiguous():
+        raise ValueError("a prefetched weight must be contiguous")
+    n = w.numel() if numel is None else numel
+    return dict(pf_ptr=w, pf_lines=triton.cdiv(n * w.element_size(), _LINE), PF=True,
+                PF_STEP=_LINE // w.element_size(), PF_BLOCK=32 * tiles.get("num_warps", 4))
+
+
+@triton.jit
+def _prefetch_l2(ptr, n_lines, PF_STEP: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's share of n_lines cache lines from ptr (PF_STEP elements a line) into L2. Each program
+    of the grid takes a contiguous run of lines, BLOCK at a time (one a thread); the clamped tail may name a
+    line twice, which costs nothing."""
+    pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+    n_prog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    per = tl.cdiv(n_lines, n_prog)
+    lo = pid * per
+    hi = tl.minimum(lo + per, n_lines)
+    for i in range(lo, hi, BLOCK):
+        line = tl.minimum(i + tl.arange(0, BLOCK), hi - 1).to(tl.int64)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptr + line * PF_STEP],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 def _block_m(rows: int) -> int:
@@ -272,12 +316,15 @@ def _row_normed_dot(res_ptr, nw_ptr, w_ptr, m, m_ok, n, n_ok, s_rm, s_wn, s_wk, 
 
 @triton.jit
 def _norm_in_conv_kernel(
-    res_ptr, nw_ptr, w_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, z_ptr, M, E, eps,
+    res_ptr, nw_ptr, w_ptr, cs_ptr, cw_ptr, cb_ptr, xc_ptr, z_ptr, pf_ptr, pf_lines, M, E, eps,
     s_rm, s_wn, s_wk, s_csb, s_csc, s_csk, s_cwc, s_cwk, s_xm, s_zm,
     Dm: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    PF: tl.constexpr, PF_STEP: tl.constexpr, PF_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    if PF:  # a later kernel's weights (the block's out_proj) into L2
+        _prefetch_l2(pf_ptr, pf_lines, PF_STEP, PF_BLOCK)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = m < M, n < 2 * E
@@ -306,10 +353,12 @@ def _norm_in_conv_kernel(
 
 
 def norm_in_proj_conv(
-    res_MD: Tensor, norm_w: Tensor, eps: float, w_in: Tensor, conv_state: Tensor, conv_w: Tensor, conv_b: Tensor | None
+    res_MD: Tensor, norm_w: Tensor, eps: float, w_in: Tensor, conv_state: Tensor, conv_w: Tensor, conv_b: Tensor | None,
+    prefetch: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(x, z), each (M, E) in w_in's dtype: x = SiLU(conv step of in_proj(RMSNorm(res))[:, :E]) with the state
-    (M, E, K) shifted in place, z = in_proj(...)[:, E:]. res is the fp32 residual (M, D); w_in (2E, D)."""
+    (M, E, K) shifted in place, z = in_proj(...)[:, E:]. res is the fp32 residual (M, D); w_in (2E, D).
+    prefetch: a contiguous weight of a later kernel to pull into L2 (see the module docstring)."""
     M, Dm = res_MD.shape
     E = w_in.shape[0] // 2
     x = torch.empty(M, E, device=res_MD.device, dtype=w_in.dtype)
@@ -317,10 +366,12 @@ def norm_in_proj_conv(
     tiles, pdl = _tiles(M, "in_proj"), _pdl(res_MD)
     grid = (triton.cdiv(2 * E, tiles["BLOCK_N"]), triton.cdiv(M, tiles["BLOCK_M"]))
     _norm_in_conv_kernel[grid](
-        res_MD, norm_w, w_in, conv_state, conv_w, conv_b, x, z, M, E, eps,
-        res_MD.stride(0), *w_in.stride(), *conv_state.stride(), *conv_w.stride(), x.stride(0), z.stride(0),
+        res_MD, norm_w, w_in, conv_state, conv_w, conv_b, x, z, M=M, E=E, eps=eps,
+        s_rm=res_MD.stride(0), s_wn=w_in.stride(0), s_wk=w_in.stride(1), s_csb=conv_state.stride(0),
+        s_csc=conv_state.stride(1), s_csk=conv_state.stride(2), s_cwc=conv_w.stride(0), s_cwk=conv_w.stride(1),
+        s_xm=x.stride(0), s_zm=z.stride(0),
         Dm=Dm, KC=conv_w.shape[1], HAS_CB=conv_b is not None, PREC=_dot_precision(w_in.dtype), PDL=pdl,
-        **tiles, **_pdl_launch(pdl),
+        **_pf_args(prefetch, res_MD, tiles), **tiles, **_pdl_launch(pdl),
     )
     return x, z
 
@@ -476,15 +527,16 @@ def expert_glu_up(h_TD: Tensor, ids_TK: Tensor, w_in: Tensor, activation: str) -
 
 @triton.jit
 def _route_up_kernel(
-    res_ptr, nw_ptr, g_ptr, gb_ptr, w_ptr, a_ptr, ids_ptr, wt_ptr, part_ptr, cnt_ptr, NE, F, eps,
-    s_gn, s_gk, s_we, s_wd, s_wf,
+    res_ptr, nw_ptr, g_ptr, gb_ptr, w_ptr, a_ptr, ids_ptr, wt_ptr, part_ptr, cnt_ptr, pf_ptr, pf_lines, NE, F, eps,
+    s_gn, s_gk, s_we, s_wd, s_wf, s_pfe,
     Dm: tl.constexpr, HAS_GB: tl.constexpr, ROUTE: tl.constexpr, GEGLU: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    PF: tl.constexpr, PF_STEP: tl.constexpr, PF_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One token, a top-1 router: norm_gate and expert_glu_up in one kernel. Every program forms the normed
     row and the router's choice itself (the same code on the same inputs: all programs choose alike), then
-    its block of the chosen expert's up projection; program (0, 0) stores the choice for expert_down."""
+    its block of the chosen expert's up projection; program (0, 0) stores the choice for expert_down. PF: each
+    program also pulls its share of the chosen expert's down projection (pf_ptr + ex * s_pfe) into L2."""
     pid_f, sp = tl.program_id(0), tl.program_id(1)
     e = tl.arange(0, BLOCK_E)
     d = tl.arange(0, BLOCK_D)
@@ -508,6 +560,8 @@ def _route_up_kernel(
     if (pid_f == 0) & (sp == 0):
         tl.store(ids_ptr, ex)
         tl.store(wt_ptr, weight)
+    if PF:
+        _prefetch_l2(pf_ptr + ex * s_pfe, pf_lines, PF_STEP, PF_BLOCK)
     f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
     acc_g, acc_u = _glu_up_dot(res_ptr, nw_ptr, rstd, w_ptr + ex * s_we, f, f_ok, F, sp * CHUNK,
@@ -520,11 +574,12 @@ def _route_up_kernel(
 
 def route_glu_up(
     res_1D: Tensor, norm_w: Tensor, eps: float, gate_w: Tensor, gate_b: Tensor | None, top1_gate: str,
-    w_in: Tensor, activation: str,
+    w_in: Tensor, activation: str, w_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One token (res_1D fp32, (1, D)) through a top-1 router: (a (1, F) in w_in's dtype, expert ids (1, 1)
     int64, gate weights (1, 1) fp32), the same as norm_gate(..., top1_gate) followed by expert_glu_up, in one
-    launch (the tiles of expert_up). top1_gate: "sigmoid" or "softmax" (ROUTES)."""
+    launch (the tiles of expert_up). top1_gate: "sigmoid" or "softmax" (ROUTES). w_out (E, F, D), contiguous:
+    the chosen expert's down projection is pulled into L2 for expert_down_residual_."""
     M, Dm = res_1D.shape
     if M != 1 or res_1D.stride(1) != 1:
         raise ValueError(f"route_glu_up takes one contiguous token row, got shape {tuple(res_1D.shape)}")
@@ -539,9 +594,10 @@ def route_glu_up(
                         device=res_1D.device, dtype=torch.float32)
     counters = _counters(res_1D.device, "route_up", grid[0]) if split > 1 else parts
     _route_up_kernel[grid](
-        res_1D, norm_w, gate_w, gate_b, w_in, a, ids, weights, parts, counters, gate_w.shape[0], F, eps,
-        *gate_w.stride(), *w_in.stride(),
-        Dm=Dm, HAS_GB=gate_b is not None, ROUTE=ROUTES[top1_gate], GEGLU=activation == "geglu", PDL=pdl,
+        res_1D, norm_w, gate_w, gate_b, w_in, a, ids, weights, parts, counters, NE=gate_w.shape[0], F=F, eps=eps,
+        s_gn=gate_w.stride(0), s_gk=gate_w.stride(1), s_we=w_in.stride(0), s_wd=w_in.stride(1),
+        s_wf=w_in.stride(2), s_pfe=0 if w_out is None else w_out.stride(0),
+        **_pf_args(w_out, res_1D, tiles, None if w_out is None else w_out[0].numel()), Dm=Dm, HAS_GB=gate_b is not None, ROUTE=ROUTES[top1_gate], GEGLU=activation == "geglu", PDL=pdl,
         BLOCK_E=triton.next_power_of_2(gate_w.shape[0]), BLOCK_D=triton.next_power_of_2(Dm),
         BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], CHUNK=chunk, SPLIT=split, **_launch(tiles, pdl),
     )
@@ -550,15 +606,17 @@ def route_glu_up(
 
 @triton.jit
 def _expert_down_kernel(
-    a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, part_ptr, cnt_ptr, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
-    F: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-    CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+    a_ptr, ids_ptr, g_ptr, w_ptr, res_ptr, part_ptr, cnt_ptr, pf_ptr, pf_lines, Dm, K, s_am, s_we, s_wf, s_wd, s_rm,
+    F: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr, PF_STEP: tl.constexpr, PF_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Program (output block, split sp, token t): expert features sp*CHUNK .. (sp+1)*CHUNK of t's slots."""
     pid_n, sp, t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < Dm
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if PF:  # a later kernel's weights (the next Mamba block's in_proj) into L2, while the expert up finishes
+        _prefetch_l2(pf_ptr, pf_lines, PF_STEP, PF_BLOCK)
     _gdc_wait(PDL)  # the experts, their gate weights and the activations all come from the kernels before
     for j in range(K):  # the token's slots in order: the sum is deterministic
         s = t * K + j
@@ -578,8 +636,11 @@ def _expert_down_kernel(
         tl.store(ptrs, tl.load(ptrs, mask=n_ok, other=0.0) + tl.reshape(total, [BLOCK_N]), mask=n_ok)
 
 
-def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_out: Tensor) -> Tensor:
-    """res_t += sum_k weights[t, k] * a_{tk} @ w_out[ids[t, k]] in place (fp32); w_out (E, F, D). Returns res."""
+def expert_down_residual_(
+    res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_TK: Tensor, w_out: Tensor, prefetch: Tensor | None = None
+) -> Tensor:
+    """res_t += sum_k weights[t, k] * a_{tk} @ w_out[ids[t, k]] in place (fp32); w_out (E, F, D). Returns res.
+    prefetch: a contiguous weight of a later kernel to pull into L2 (see the module docstring)."""
     T, K = ids_TK.shape
     F, Dm = w_out.shape[1:]
     tiles, pdl = _tiles(1, "expert_down"), _pdl(res_TD)
@@ -590,7 +651,8 @@ def expert_down_residual_(res_TD: Tensor, a_SF: Tensor, ids_TK: Tensor, weights_
     counters = _counters(res_TD.device, "expert_down", grid[0] * T) if split > 1 else parts
     _expert_down_kernel[grid](
         a_SF, ids_TK.reshape(-1).contiguous(), weights_TK.float().reshape(-1).contiguous(), w_out, res_TD,
-        parts, counters, Dm, K, a_SF.stride(0), *w_out.stride(), res_TD.stride(0), F=F, PDL=pdl,
+        parts, counters, Dm=Dm, K=K, s_am=a_SF.stride(0), s_we=w_out.stride(0), s_wf=w_out.stride(1),
+        s_wd=w_out.stride(2), s_rm=res_TD.stride(0), F=F, PDL=pdl, **_pf_args(prefetch, res_TD, tiles),
         BLOCK_N=tiles["BLOCK_N"], BLOCK_F=tiles["BLOCK_K"], CHUNK=chunk, SPLIT=split, **_launch(tiles, pdl),
     )
     return res_TD
