@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from blocks.model import LM
-from experiments.decoding import draw_noise, pick_token
+from experiments.decoding import draw_noise, noise_width, pick_token
 
 
 def reset_cache(cache: list) -> None:
@@ -74,7 +74,7 @@ class StaticDecoder:
         self.token_B = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         vocab = model.embedding.num_embeddings
         sampled = temperature > 0
-        self.noise_BV = torch.ones(batch_size, vocab, device=self.device) if sampled else None
+        self.noise_BN = torch.ones(batch_size, noise_width(vocab, top_k), device=self.device) if sampled else None
         self.graph: torch.cuda.CUDAGraph | None = None
         if capture:
             self._capture(warmup_steps)
@@ -83,7 +83,7 @@ class StaticDecoder:
     def _step(self) -> None:
         """The captured work: advance the cache by token_B and overwrite token_B with the next token."""
         logits_BV = self.model.step(self.token_B, self.cache)
-        self.token_B.copy_(pick_token(logits_BV, self.noise_BV, *self.sampling))
+        self.token_B.copy_(pick_token(logits_BV, self.noise_BN, *self.sampling))
 
     def _capture(self, warmup_steps: int) -> None:
         # Warm-up on a side stream first, as torch's CUDA-graph notes ask: lazy initialisation (cuBLAS
@@ -103,8 +103,8 @@ class StaticDecoder:
 
     def advance(self, generator: torch.Generator | None = None) -> Tensor:
         """One decoding step from token_B (replayed graph or eager); returns token_B, now the next token."""
-        if self.noise_BV is not None:
-            draw_noise(self.noise_BV, generator)
+        if self.noise_BN is not None:
+            draw_noise(self.noise_BN, generator)
         if self.graph is None:
             self._step()
         else:
@@ -121,9 +121,9 @@ class StaticDecoder:
             raise ValueError(f"a prompt of {L} tokens leaves no room in a decoder of max_len {self.max_len}")
         reset_cache(self.cache)
         logits_BLV, _ = self.model(prompt_BL.to(self.device), self.cache)
-        if self.noise_BV is not None:
-            draw_noise(self.noise_BV, generator)
-        self.token_B.copy_(pick_token(logits_BLV[:, -1], self.noise_BV, *self.sampling))
+        if self.noise_BN is not None:
+            draw_noise(self.noise_BN, generator)
+        self.token_B.copy_(pick_token(logits_BLV[:, -1], self.noise_BN, *self.sampling))
         return self.token_B
 
     @torch.no_grad()

@@ -33,32 +33,50 @@ def _outside_nucleus(sorted_logits: Tensor, top_p: float) -> Tensor:
     return probs.cumsum(dim=-1) - probs > top_p
 
 
-def draw_noise(noise_BV: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Fill noise_BV (fp32) in place with Exp(1) draws, the randomness of one sampling step."""
-    return noise_BV.exponential_(generator=generator)
+def noise_width(vocab: int, top_k: int | None) -> int:
+    """Noise draws a row needs: one per top-k candidate with top_k (no other token can be picked), else one
+    per vocabulary entry."""
+    return min(top_k, vocab) if top_k else vocab
+
+
+def draw_noise(noise_BN: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Fill noise_BN (fp32, noise_width columns) in place with Exp(1) draws, the randomness of one sampling step."""
+    return noise_BN.exponential_(generator=generator)
 
 
 def pick_token(
-    logits_BV: Tensor, noise_BV: Tensor | None, temperature: float, top_k: int | None, top_p: float | None
+    logits_BV: Tensor, noise_BN: Tensor | None, temperature: float, top_k: int | None, top_p: float | None
 ) -> Tensor:
     """One token per row: greedy (argmax) when temperature is 0, else a sample of truncated_probs by the
     exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i (E_i / p_i are
     independent exponentials of rates p_i, and the smallest is the i-th with probability p_i). Unlike
     torch.multinomial, which validates its input with a host read, it never synchronises, so a CUDA
-    graph can capture it; the noise is drawn outside (draw_noise)."""
+    graph can capture it; the noise is drawn outside (draw_noise). With top_k the race runs among the k
+    candidates alone (their own k draws): every other token has p_i = 0 and cannot win, so nothing the size of
+    the vocabulary is formed after the top-k."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
+    tiny = torch.finfo(torch.float32).tiny  # a zero draw would make 0 / 0 for a truncated token; the floor keeps those at 0
+    if top_k:
+        k = noise_width(logits_BV.shape[-1], top_k)
+        if noise_BN.shape[-1] != k:
+            raise ValueError(f"top_k={top_k} sampling takes {k} noise draws a row, got {noise_BN.shape[-1]}")
+        vals_BK, idx_BK = torch.topk(logits_BV.float() / temperature, k, dim=-1)  # largest first
+        if top_p is not None and top_p < 1.0:
+            vals_BK = vals_BK.masked_fill(_outside_nucleus(vals_BK, top_p), float("-inf"))
+        won_B1 = (vals_BK.softmax(dim=-1) / noise_BN.clamp(min=tiny)).argmax(dim=-1, keepdim=True)
+        return idx_BK.gather(-1, won_B1)[:, 0]
     probs_BV = truncated_probs(logits_BV, temperature, top_k, top_p)
-    # a zero draw would make 0 / 0 for a truncated token; the floor keeps those at 0
-    return (probs_BV / noise_BV.clamp(min=torch.finfo(torch.float32).tiny)).argmax(dim=-1)
+    return (probs_BV / noise_BN.clamp(min=tiny)).argmax(dim=-1)
 
 
 def sample_next(logits_BV: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None) -> Tensor:
     """One token per row: greedy when temperature is 0, else from the tempered, top-k/top-p truncated softmax."""
-    noise_BV = None
+    noise_BN = None
     if temperature > 0:
-        noise_BV = draw_noise(torch.empty(logits_BV.shape, device=logits_BV.device), generator)
-    return pick_token(logits_BV, noise_BV, temperature, top_k, top_p)
+        width = noise_width(logits_BV.shape[-1], top_k)
+        noise_BN = draw_noise(torch.empty(logits_BV.shape[0], width, device=logits_BV.device), generator)
+    return pick_token(logits_BV, noise_BN, temperature, top_k, top_p)
 
 
 @torch.no_grad()

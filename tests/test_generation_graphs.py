@@ -206,3 +206,28 @@ def test_truncated_probs_keeps_the_top_k_then_the_nucleus_within_them():
     kth = torch.topk(x, 40, dim=-1).values[:, -1:]
     masked = x.masked_fill(x < kth, float("-inf"))
     torch.testing.assert_close(truncated_probs(x, 0.7, 40, 0.8), truncated_probs(masked, 0.7, None, 0.8))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(None, None), (3, None), (4, 0.75), (None, 0.6)])
+def test_sampled_tokens_follow_the_truncated_probs(top_k, top_p):
+    """The exponential race (over the k candidates with top_k, over the vocabulary otherwise) draws each token
+    with its truncated_probs probability: frequencies over 40,000 rows within 5 standard errors, and no token
+    outside the truncation is ever drawn."""
+    from experiments.decoding import noise_width, sample_next, truncated_probs
+
+    n = 40_000
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])).expand(n, 5)
+    want = truncated_probs(logits[:1], 0.9, top_k, top_p)[0]
+    tokens = sample_next(logits, 0.9, top_k, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    se = (want.double() * (1 - want.double()) / n).sqrt()
+    assert torch.all((freq - want.double()).abs() <= 5 * se + 1e-12), (freq, want)
+    assert torch.all(freq[want == 0] == 0)
+    assert noise_width(5, top_k) == (min(top_k, 5) if top_k else 5)
+
+
+def test_pick_token_rejects_noise_of_the_wrong_width():
+    from experiments.decoding import pick_token
+
+    with pytest.raises(ValueError, match="3 noise draws"):
+        pick_token(torch.randn(2, 10), torch.ones(2, 10), 1.0, 3, None)
