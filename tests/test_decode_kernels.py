@@ -29,9 +29,9 @@ from blocks.kernels.decode import (
     x_proj_split_k,
 )
 from blocks.kernels.ssm_step import selective_state_step_triton
-from blocks.mamba import MambaConfig
+from blocks.mamba import Mamba, MambaConfig
 from blocks.model import LM, ModelConfig
-from blocks.moe import MoEConfig
+from blocks.moe import MoE, MoEConfig
 from blocks.scan import selective_state_step
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -307,6 +307,43 @@ def test_fused_lm_step_matches_module_steps(router, top_k, batch, pattern, share
         if c is not None and hasattr(c, "ssm_state"):
             torch.testing.assert_close(c.ssm_state, c_ref.ssm_state, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(c.conv_state, c_ref.conv_state, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", [None, ["mamba", "moe", "attention", "moe"]])
+def test_batch1_kernels_are_handed_the_weights_to_prefetch(monkeypatch, pattern):
+    """Which weights each batch-1 kernel pulls into L2: norm + in_proj its block's out_proj, the routed expert's
+    up kernel that MoE's w_out, the expert down kernel the next block's in_proj when that block is a fused
+    Mamba block (nothing before attention or the head)."""
+    import blocks.fused_step as fs
+
+    seen = {"in": [], "up": [], "down": []}
+
+    def spy(name, fn, key):
+        def wrapped(*args, **kwargs):
+            seen[name].append(kwargs.get(key))
+            return fn(*args, **kwargs)
+        monkeypatch.setattr(fs, fn.__name__, wrapped)
+
+    spy("in", fs.norm_in_proj_conv, "prefetch")
+    spy("up", fs.route_glu_up, "w_out")
+    spy("down", fs.expert_down_residual_, "prefetch")
+    model = tiny_lm("sinkhorn", 1, pattern)
+    cache = model.allocate_cache(1, 4)
+    with torch.no_grad(), force_triton():
+        model.step(torch.tensor([3]), cache)
+    layers = list(model.layers)
+    mambas = [b for b in layers if isinstance(getattr(b, "mixer", None), Mamba)]
+    moes = [b for b in layers if isinstance(getattr(b, "mlp", None), MoE)]
+    assert len(seen["in"]) == len(mambas) > 0 and len(seen["up"]) == len(moes) > 0
+    assert all(w is m.mixer.out_proj.weight for w, m in zip(seen["in"], mambas))
+    assert all(w is m.mlp.w_out for w, m in zip(seen["up"], moes))
+    expected_down = []
+    for i, b in enumerate(layers):
+        if b in moes:
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            expected_down.append(None if nxt is None or nxt not in mambas else nxt.mixer.in_proj.weight)
+    assert len(seen["down"]) == len(expected_down) > 0
+    assert all((w is None and e is None) or w is e for w, e in zip(seen["down"], expected_down))
 
 
 def test_fused_step_takes_the_norms_eps_as_the_module_does():
