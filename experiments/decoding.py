@@ -56,7 +56,8 @@ def pick_token(
     the vocabulary is formed after the top-k."""
     if temperature <= 0:
         return logits_BV.argmax(dim=-1)
-    tiny = torch.finfo(torch.float32).tiny  # a zero draw would make 0 / 0 for a truncated token; the floor keeps those at 0
+    # a zero draw would make 0 / 0 for a truncated token; the floor keeps those at 0
+    tiny = torch.finfo(torch.float32).tiny
     if top_k:
         k = noise_width(logits_BV.shape[-1], top_k)
         if noise_BN.shape[-1] != k:

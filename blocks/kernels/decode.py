@@ -530,7 +530,8 @@ def _route_up_kernel(
     res_ptr, nw_ptr, g_ptr, gb_ptr, w_ptr, a_ptr, ids_ptr, wt_ptr, part_ptr, cnt_ptr, pf_ptr, pf_lines, NE, F, eps,
     s_gn, s_gk, s_we, s_wd, s_wf, s_pfe,
     Dm: tl.constexpr, HAS_GB: tl.constexpr, ROUTE: tl.constexpr, GEGLU: tl.constexpr, PDL: tl.constexpr,
-    PF: tl.constexpr, PF_STEP: tl.constexpr, PF_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
+    PF: tl.constexpr, PF_STEP: tl.constexpr, PF_BLOCK: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One token, a top-1 router: norm_gate and expert_glu_up in one kernel. Every program forms the normed
@@ -597,7 +598,8 @@ def route_glu_up(
         res_1D, norm_w, gate_w, gate_b, w_in, a, ids, weights, parts, counters, NE=gate_w.shape[0], F=F, eps=eps,
         s_gn=gate_w.stride(0), s_gk=gate_w.stride(1), s_we=w_in.stride(0), s_wd=w_in.stride(1),
         s_wf=w_in.stride(2), s_pfe=0 if w_out is None else w_out.stride(0),
-        **_pf_args(w_out, res_1D, tiles, None if w_out is None else w_out[0].numel()), Dm=Dm, HAS_GB=gate_b is not None, ROUTE=ROUTES[top1_gate], GEGLU=activation == "geglu", PDL=pdl,
+        **_pf_args(w_out, res_1D, tiles, None if w_out is None else w_out[0].numel()),
+        Dm=Dm, HAS_GB=gate_b is not None, ROUTE=ROUTES[top1_gate], GEGLU=activation == "geglu", PDL=pdl,
         BLOCK_E=triton.next_power_of_2(gate_w.shape[0]), BLOCK_D=triton.next_power_of_2(Dm),
         BLOCK_F=tiles["BLOCK_N"], BLOCK_K=tiles["BLOCK_K"], CHUNK=chunk, SPLIT=split, **_launch(tiles, pdl),
     )
