@@ -28,8 +28,9 @@ L2 prefetch (batch 1): one token's matrix-vector kernel waits on HBM latency wit
 fill the bandwidth. So a kernel also pulls the weights of a kernel after it into L2 (`prefetch.global.L2`, one
 128-byte line per thread at a time, each program its share): the MoE block's expert down projection pulls the
 next Mamba block's in_proj, the Mamba block's norm + in_proj kernel its out_proj, and the routed expert's up
-kernel, once it has routed, that expert's down projection. Those kernels then read from L2. A prefetch writes
-nothing and returns nothing, so results do not depend on it.
+kernel, once it has routed, that expert's down projection, so that those kernels find their weights in L2
+(what it gains is not yet measured: benchmarks/RESULTS.md). A prefetch writes nothing and returns nothing, so
+results do not depend on it.
 
 Their PyTorch twins are the modules' own steps (blocks.model.MixerBlock.step, MLPBlock.step): the reference
 functions at the end of this file spell out the same math with torch ops, and the tests compare the two.
