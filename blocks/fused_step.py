@@ -62,7 +62,7 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
     if res_BD.shape[0] == 1:
         x_BE, z_BE = norm_in_proj_conv(
             res_BD, block.norm.weight, rms_eps(block.norm), m.in_proj.weight,
-            cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, prefetch=_contiguous(m.out_proj.weight),
+            cache.conv_state, m.conv1d.weight[:, 0], m.conv1d.bias, prefetch=m.out_proj.weight,
         )
     else:  # a real GEMM: cuBLAS beats the fused kernel's tl.dot path there (40 against ~12 us at batch 64, H200)
         _, h_BD = add_rms_norm_triton(res_BD, None, block.norm.weight, rms_eps(block.norm), block.norm.weight.dtype)
@@ -86,11 +86,6 @@ def mamba_step_(block, res_BD: Tensor, cache: MambaCache) -> None:
         addmm_fp32_(res_BD, y_BE, m.out_proj.weight.t())
 
 
-def _contiguous(w: Tensor) -> Tensor | None:
-    """w, if its bytes are one run that a kernel can pull into L2 for a later kernel (else None: no prefetch)."""
-    return w if w.is_contiguous() else None
-
-
 def moe_step_(block, res_TD: Tensor, next_w: Tensor | None = None) -> None:
     """res += moe(RMSNorm(res)) for one token per row (the router in its current mode, as moe_step).
     next_w: the next block's first weight, which the batch-1 kernels pull into L2 while they run."""
@@ -102,7 +97,7 @@ def moe_step_(block, res_TD: Tensor, next_w: Tensor | None = None) -> None:
         w_out = moe.w_out.to(w_dtype)
         a_SF, ids_TK, weights_TK = route_glu_up(
             res_TD, block.norm.weight, rms_eps(block.norm), moe.gate.weight, moe.gate.bias, gate,
-            moe.w_in.to(w_dtype), moe.cfg.activation, w_out=_contiguous(w_out),
+            moe.w_in.to(w_dtype), moe.cfg.activation, w_out=w_out,
         )
         expert_down_residual_(res_TD, a_SF, ids_TK, weights_TK, w_out, prefetch=next_w)
         return
@@ -123,7 +118,7 @@ def fused_step(model, idx_B: Tensor, cache: list) -> Tensor:
     from blocks.model import MixerBlock  # the model module imports this one
 
     res_BD = model.embedding(idx_B).float()
-    layers = list(model.layers)
+    layers = model.layers
     for i, (block, c) in enumerate(zip(layers, cache)):
         if isinstance(block, MixerBlock):
             if fusable_mamba(block):
@@ -134,7 +129,7 @@ def fused_step(model, idx_B: Tensor, cache: list) -> Tensor:
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             next_w = None
             if isinstance(nxt, MixerBlock) and fusable_mamba(nxt):  # its in_proj is the next kernel's weight
-                next_w = _contiguous(nxt.mixer.in_proj.weight)
+                next_w = nxt.mixer.in_proj.weight
             moe_step_(block, res_BD, next_w)
         else:
             res_BD = block.step(res_BD)

@@ -15,16 +15,22 @@ def truncated_probs(logits_BV: Tensor, temperature: float, top_k: int | None, to
     """softmax(logits / temperature) restricted to the top_k tokens and, within those, to the smallest top_p
     nucleus, fp32. With top_k the nucleus is found among the k sorted candidates only (no sort of the vocabulary)."""
     logits = logits_BV.float() / temperature
-    nucleus = top_p is not None and top_p < 1.0
     if top_k:
-        vals, idx = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1)  # sorted, largest first
-        if nucleus:
-            vals = vals.masked_fill(_outside_nucleus(vals, top_p), float("-inf"))
+        vals, idx = _top_k_candidates(logits, min(top_k, logits.shape[-1]), top_p)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, vals)
-    elif nucleus:
+    elif top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(_outside_nucleus(sorted_logits, top_p), float("-inf")))
     return logits.softmax(dim=-1)
+
+
+def _top_k_candidates(logits_BV: Tensor, k: int, top_p: float | None) -> tuple[Tensor, Tensor]:
+    """The k largest (tempered) logits, largest first, with those past the top_p nucleus among them set to
+    -inf, and their token ids."""
+    vals_BK, idx_BK = torch.topk(logits_BV, k, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        vals_BK = vals_BK.masked_fill(_outside_nucleus(vals_BK, top_p), float("-inf"))
+    return vals_BK, idx_BK
 
 
 def _outside_nucleus(sorted_logits: Tensor, top_p: float) -> Tensor:
@@ -62,9 +68,7 @@ def pick_token(
         k = noise_width(logits_BV.shape[-1], top_k)
         if noise_BN.shape[-1] != k:
             raise ValueError(f"top_k={top_k} sampling takes {k} noise draws a row, got {noise_BN.shape[-1]}")
-        vals_BK, idx_BK = torch.topk(logits_BV.float() / temperature, k, dim=-1)  # largest first
-        if top_p is not None and top_p < 1.0:
-            vals_BK = vals_BK.masked_fill(_outside_nucleus(vals_BK, top_p), float("-inf"))
+        vals_BK, idx_BK = _top_k_candidates(logits_BV.float() / temperature, k, top_p)
         won_B1 = (vals_BK.softmax(dim=-1) / noise_BN.clamp(min=tiny)).argmax(dim=-1, keepdim=True)
         return idx_BK.gather(-1, won_B1)[:, 0]
     probs_BV = truncated_probs(logits_BV, temperature, top_k, top_p)

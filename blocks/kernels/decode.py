@@ -95,21 +95,16 @@ def _gdc_wait(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def _prefetching(t: Tensor) -> bool:
-    return PREFETCH and t.is_cuda and not interpreting()
-
-
 _LINE = 128  # bytes of an L2 cache line
 
 
 def _pf_args(w: Tensor | None, like: Tensor, tiles: dict, numel: int | None = None) -> dict:
-    """The kernel arguments that make its programs pull w's bytes (a contiguous tensor; its first numel
-    elements with numel) into L2: pf_ptr, pf_lines, the PF flag (off without w, off the GPU and under the
-    interpreter), PF_STEP (elements a line) and PF_BLOCK (lines a program issues at a time: one a thread)."""
-    if w is None or not _prefetching(like):
+    """The kernel arguments that make its programs pull w's bytes (its first numel elements with numel) into
+    L2: pf_ptr, pf_lines, the PF flag, PF_STEP (elements a line) and PF_BLOCK (lines a program issues at a
+    time: one a thread). PF is off without w, for a w whose bytes are not one run (not contiguous), off the
+    GPU and under the interpreter."""
+    if w is None or not w.is_contiguous() or not (PREFETCH and like.is_cuda and not interpreting()):
         return dict(pf_ptr=like, pf_lines=0, PF=False, PF_STEP=1, PF_BLOCK=1)
-    if not w.is_contiguous():
-        raise ValueError("a prefetched weight must be contiguous")
     n = w.numel() if numel is None else numel
     return dict(pf_ptr=w, pf_lines=triton.cdiv(n * w.element_size(), _LINE), PF=True,
                 PF_STEP=_LINE // w.element_size(), PF_BLOCK=32 * tiles.get("num_warps", 4))
