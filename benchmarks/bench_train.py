@@ -22,7 +22,8 @@ vocab 50304, 8 experts of ffn 3072, attention 18 heads of 64). For each model:
             steps inside fit, so the Trainer's own overhead is included; "step foreach AdamW" the same with
             optim.impl=foreach; "step, CUDA graph" the same with trainer.cuda_graph=true (the fwd+bwd replayed
             from one CUDA graph after one eager step) on a fresh copy of the initial weights, its first losses
-            checked against the eager step's
+            checked against the eager step's; "step, master weights" (and with the CUDA graph) the same with
+            optim.master_weights=true: bf16 weights, AdamW on fp32 masters (experiments/master_adamw.py)
   compiled  both again with every block torch.compile'd (one graph per block kind, which all layers of that
             kind reuse, so compiling is paid per block kind, not per layer); a failure is printed with its reason
 
@@ -359,7 +360,9 @@ def bench_eager(name: str, setup: Setup) -> Result:
     module.cfg.optim.impl = "foreach"
     time_train_step(module, result, "step foreach AdamW", setup)
     module.cfg.optim.impl = impl
-    time_graphed_step(name, result, setup)
+    time_fresh_step(name, result, setup, graph=True)
+    time_fresh_step(name, result, setup, master=True)
+    time_fresh_step(name, result, setup, graph=True, master=True)
     # bf16 weights (trainer.precision=bf16-true), as the off-the-shelf anchor runs: autocast has no weight
     # left to cast, so the difference to "fwd+bwd" is what the per-use casts of fp32 weights cost
     module.to(setup.device, torch.bfloat16)
@@ -371,22 +374,31 @@ def bench_eager(name: str, setup: Setup) -> Result:
     return result
 
 
-def time_graphed_step(name: str, result: Result, setup: Setup) -> None:
-    """The Trainer's step with trainer.cuda_graph=true (experiments/train_graph.py), on a fresh copy of the same
-    initial weights: one eager step, then the fwd+bwd captured and replayed. Its first losses must be the eager
-    step's (same weights, same batch), to bf16 tolerance. --smoke runs the same code uncaptured on the CPU."""
+def time_fresh_step(name: str, result: Result, setup: Setup, graph: bool = False, master: bool = False) -> None:
+    """The Trainer's step on a fresh copy of the same initial weights, with trainer.cuda_graph=true
+    (experiments/train_graph.py: one eager step, then the fwd+bwd captured and replayed) and/or
+    optim.master_weights=true (bf16 weights, AdamW on fp32 masters: experiments/master_adamw.py). Its first
+    losses must be the eager step's (same weights, same batch), to bf16 tolerance. --smoke runs the same code
+    uncaptured on the CPU (master weights there under bf16-mixed, which a GPU run takes by default)."""
     module = build(name, setup)
-    graph = module.train_graph = TrainGraph(warmup_steps=1, capture=setup.device.type == "cuda")
-    variant = "step, CUDA graph"
+    variant = "step" + (", master weights" if master else "") + (", CUDA graph" if graph else "")
+    if master:
+        module.cfg.optim.master_weights = True
+        if setup.smoke:
+            module.cfg.trainer.precision = "bf16-mixed"
+    tg = module.train_graph = TrainGraph(warmup_steps=1, capture=setup.device.type == "cuda") if graph else None
     losses = time_train_step(module, result, variant, setup)
     eager = result.check["step: train_losses"]
     rel = max(abs(a - b) / abs(b) for a, b in zip(losses, eager))
-    ok = graph.disabled is None and graph.recorded and rel <= CHECK_LOSS_RTOL
-    result.check.update({f"{variant}: train_losses": losses, "cuda_graph_matches_eager": ok})
-    why = f" (capture failed: {graph.disabled}; the row is eager)" if graph.disabled else ""
+    ok = rel <= CHECK_LOSS_RTOL and (tg is None or (tg.disabled is None and tg.recorded))
+    if master:
+        ok = ok and all(p.dtype == torch.bfloat16 for p in module.parameters())
+    key = "cuda_graph_matches_eager" if graph and not master else "master_weights_match_eager"
+    result.check.update({f"{variant}: train_losses": losses, key: result.check.get(key, True) and ok})
+    why = f" (capture failed: {tg.disabled}; the row is eager)" if tg is not None and tg.disabled else ""
     log(setup, f"  check ({variant}): training losses {', '.join(f'{v:.4f}' for v in losses)} against the eager "
                f"step's: worst rel {rel:.1e}: {'same' if ok else 'DIFFERENT'}{why}")
-    del module, graph
+    del module, tg
     reset_memory(setup)
 
 
@@ -472,11 +484,13 @@ def run_offtheshelf(path: str, setup: Setup) -> dict[str, float]:
 
 def table(results: list[Result], anchor: dict[str, float], setup: Setup) -> None:
     variants = ["fwd+bwd", *(f"fwd+bwd without {k}" for k in setup.ablate), "fwd+bwd bf16 weights", "step",
-                "step foreach AdamW", "step, CUDA graph", "fwd+bwd compiled", "step compiled"]
+                "step foreach AdamW", "step, CUDA graph", "step, master weights",
+                "step, master weights, CUDA graph", "fwd+bwd compiled", "step compiled"]
     log(setup, "\n| model | params total / active | check | variant | ms | tokens/s | 6N-MFU | peak GB | ours / off-the-shelf |")
     log(setup, "|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in results:
-        ok = r.check.get("kernels_match") and r.check.get("loss_falls") and r.check.get("cuda_graph_matches_eager", True)
+        ok = r.check.get("kernels_match") and r.check.get("loss_falls") and r.check.get("cuda_graph_matches_eager", True) \
+            and r.check.get("master_weights_match_eager", True)
         other = anchor.get(MODELS[r.name][1] or "")
         for v in variants:
             if v not in r.variants:

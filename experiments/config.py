@@ -129,6 +129,9 @@ class OptimConfig:
     # AdamW's implementation: fused (one kernel per step), foreach (multi-tensor kernels), or auto: fused
     # when every weight is on a GPU and no GradScaler (trainer.precision=16-mixed) has to unscale first
     impl: str = "auto"
+    # keep the weights in bf16 and AdamW's update on fp32 copies of them (experiments/master_adamw.py): the
+    # forward and backward then cast no weight; with trainer.precision=bf16-mixed (auto on a GPU) only
+    master_weights: bool = False
 
     def __post_init__(self) -> None:
         _check(self.impl in OPTIM_IMPLS, f"optim.impl must be one of {', '.join(OPTIM_IMPLS)}, got '{self.impl}'")
@@ -139,6 +142,17 @@ class OptimConfig:
             _check(0 <= getattr(self, key) < 1, f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+def check_master_weights(precision: str, accumulate: int, strategy: str) -> None:
+    """optim.master_weights=true: what it runs with (precision "auto" is checked again once resolved)."""
+    why = "optim.master_weights=true keeps bf16 weights with fp32 masters in AdamW, {}; or set optim.master_weights=false"
+    _check(precision in ("auto", "bf16-mixed"), why.format(
+        f"under trainer.precision=bf16-mixed (auto on a GPU), not trainer.precision={precision}"))
+    _check(accumulate == 1, why.format("and would add micro-batch gradients in bf16: use "
+                                       f"trainer.accumulate_grad_batches=1, not {accumulate}"))
+    _check(strategy != "fsdp", why.format("which FSDP's own mixed precision does instead: use trainer.strategy=auto "
+                                          "or ddp"))
 
 
 @dataclass
@@ -176,6 +190,8 @@ class RunConfig:
         _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         _check(bool(self.out_dir.strip()), "out_dir must not be empty")
         _check(not (self.optim.impl == "fused" and self.trainer.precision == "16-mixed"), FUSED_WITH_SCALER)
+        if self.optim.master_weights:
+            check_master_weights(self.trainer.precision, self.trainer.accumulate_grad_batches, self.trainer.strategy)
         if self.moe is not None and self.moe.expert_parallel != 1:  # the rest is checked with the world size
             ep, experts = self.moe.expert_parallel, self.moe.num_experts * self.moe.granularity
             _check(ep >= 1 and experts % ep == 0, f"moe.expert_parallel={ep} must be >= 1 and divide the number of "

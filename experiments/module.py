@@ -14,6 +14,7 @@ from blocks.model import next_token_loss
 from experiments import distributed
 from experiments.build import build_model
 from experiments.config import FUSED_WITH_SCALER
+from experiments.master_adamw import MasterAdamW
 from experiments.train_graph import TrainGraph
 from experiments.utilization import moe_layers, record_routing, save_snapshot, snapshot_arrays, snapshot_path
 
@@ -65,12 +66,25 @@ class LMModule(L.LightningModule):
         # trainer.cuda_graph: the training fwd+bwd replayed from a CUDA graph after a few eager steps
         self.train_graph = TrainGraph() if cfg.trainer.get("cuda_graph", False) else None
         self._graph_ran = False  # this step's backward already ran inside the replayed graph
+        self._fp32_init: dict | None = None  # optim.master_weights: the weights' fp32 values before their cast
 
     def setup(self, stage: str) -> None:
         """In a distributed run (torch.distributed is up, DDP has not wrapped the module yet): shard the experts
         for moe.expert_parallel > 1 and keep per-rank state out of DDP's synchronisation (experiments.distributed)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.expert_groups is None:
             self.expert_groups = distributed.setup_module(self, self.model, self.cfg.moe.expert_parallel)
+        if stage == "fit" and self.cfg.optim.get("master_weights", False):
+            self.cast_to_master_weights()
+
+    def cast_to_master_weights(self) -> None:
+        """optim.master_weights: store every parameter in bf16 (buffers such as the utilization counters stay
+        as they are), before DDP wraps the module and the weights move to the GPU; their fp32 values seed the
+        optimizer's masters (experiments/master_adamw.py). A resumed run takes its masters from the checkpoint."""
+        if self._fp32_init is not None or all(p.dtype == torch.bfloat16 for p in self.parameters()):
+            return
+        self._fp32_init = {p: p.detach().clone() for p in self.parameters()}
+        for p in self.parameters():
+            p.data = p.data.to(torch.bfloat16)
 
     def log_bits(self, split: str, loss_nats: torch.Tensor, **kwargs) -> None:
         """Bits per byte, comparable across tokenizers; bits per token when the data cannot tell bytes."""
@@ -236,7 +250,13 @@ class LMModule(L.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         fused = adamw_fused(o.impl, [p for g in groups for p in g["params"]], precision)
         self._adamw_impl = {"fused": True if fused else None, "foreach": True if o.impl == "foreach" else None}
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **self._adamw_impl)
+        kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **self._adamw_impl)
+        if o.get("master_weights", False):
+            init = self._fp32_init or {}
+            opt = MasterAdamW(groups, masters={p: init[p] for g in groups for p in g["params"] if p in init}, **kw)
+            self._fp32_init = None  # the optimizer holds them now
+        else:
+            opt = torch.optim.AdamW(groups, **kw)
         total = self.cfg.trainer.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, o.warmup_steps, total, o.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -266,6 +286,9 @@ class LMModule(L.LightningModule):
             distributed.gather_expert_checkpoint(checkpoint, self, self.trainer.optimizers, self.expert_groups)
 
     def on_load_checkpoint(self, checkpoint):
+        # resuming: the masters come from the checkpoint's optimizer state (or, for a weight without one, from
+        # the restored weight), not from this process's fresh initialisation
+        self._fp32_init = None
         counts = checkpoint.get("nonfinite", {})
         if self.expert_groups is not None:
             distributed.shard_expert_checkpoint(checkpoint, self, self.expert_groups)

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.checkpoint import (CheckpointError, RunCheckpoints, VerifiedCheckpointIO, atomic_write_text,
                                     find_run_dir, recover_checkpoint)
-from experiments.config import ConfigError
+from experiments.config import ConfigError, check_master_weights
 from experiments.data import DataConfig, TokenDataModule
 from experiments.distributed import check_parallel, make_strategy
 from experiments.module import LMModule
@@ -184,6 +184,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
     _quiet()
     L.seed_everything(cfg.seed, verbose=False)  # the same seed on every rank: the same initial weights
     accelerator = _accelerator(cfg)
+    if cfg.optim.get("master_weights", False):
+        try:
+            check_master_weights(_precision(cfg, accelerator), cfg.trainer.accumulate_grad_batches,
+                                 cfg.trainer.strategy)
+        except ValueError as e:
+            raise ConfigError(f"{e} (trainer.precision=auto is 32-true without a GPU)") from None
     if cfg.trainer.cuda_graph and accelerator not in ("cuda", "gpu"):
         raise ConfigError("trainer.cuda_graph=true replays the training step from a CUDA graph and needs a CUDA GPU; "
                           "this machine has none (set trainer.cuda_graph=false)")

@@ -62,19 +62,26 @@ class Record(Callback):
         self.grads.append(grads)
 
 
-def run(out: Path, strategy: str, expert_parallel: str = "1") -> None:
+def run(out: Path, strategy: str, expert_parallel: str = "1", *overrides: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = compose(["model=tiny", "data.seq_len=16", f"data.batch_size={GLOBAL_BATCH // world}",
                    "router.balance_scope=global_batch", "trainer.accelerator=cpu", f"trainer.devices={world}",
                    f"trainer.strategy={strategy}", f"moe.expert_parallel={expert_parallel}",
                    f"trainer.max_steps={STEPS}", "trainer.val_every=100", "trainer.progress_bar=false",
-                   "trainer.grad_clip=0.05", "optim.warmup_steps=0", f"out_dir={out}"])
+                   "trainer.grad_clip=0.05", "optim.warmup_steps=0", f"out_dir={out}", *overrides])
     L.seed_everything(cfg.seed, verbose=False)
     module = LMModule(cfg, 256, 1.0)
     record = Record(with_grads=strategy != "fsdp")  # FSDP's gradients are sharded flat buffers
     trainer = _make_trainer(cfg, "cpu", False, [record], VerifiedCheckpointIO())
     trainer.fit(module, train_dataloaders=DataLoader(GlobalBatchRows(), batch_size=None))
     trainer.save_checkpoint(out / "final.ckpt", weights_only=False)  # every rank: the state is gathered
+    masters = {}  # optim.master_weights: the fp32 masters, by parameter name
+    for opt in trainer.optimizers:
+        names = {id(p): _clean(n) for n, p in module.named_parameters()}
+        for p, state in opt.state.items():
+            if "master" in state:
+                masters[names[id(p)]] = state["master"].clone()
     if trainer.global_rank == 0:
-        torch.save({"losses": [x.tolist() for x in record.losses], "grads": record.grads,
+        torch.save({"masters": masters, "param_dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+                    "losses": [x.tolist() for x in record.losses], "grads": record.grads,
                     "world": trainer.world_size}, out / "rank0.pt")

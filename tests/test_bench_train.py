@@ -62,9 +62,10 @@ def test_smoke_run_checks_times_and_compares_with_the_anchor(tmp_path, monkeypat
     assert [r.name for r in results] == ["blackmamba-1.5b", "transformer"]
     for r in results:
         assert r.check["kernels_match"] and r.check["loss_falls"] and r.check["cuda_graph_matches_eager"], r.check
+        assert r.check["master_weights_match_eager"], r.check
         assert set(r.variants) == {"fwd+bwd", "fwd+bwd without gate", "fwd+bwd without cross_entropy",
-                                   "fwd+bwd bf16 weights", "step", "step foreach AdamW",
-                                   "step, CUDA graph"}  # --smoke never compiles
+                                   "fwd+bwd bf16 weights", "step", "step foreach AdamW", "step, CUDA graph",
+                                   "step, master weights", "step, master weights, CUDA graph"}  # never compiled
         assert all(v["tokens_per_s"] > 0 for v in r.variants.values())
         assert 0 < r.params_active <= r.params_total
     assert results[0].params_active < results[0].params_total  # MoE: one expert of 8 active

@@ -108,6 +108,26 @@ def test_ddp_on_two_processes_matches_one_process_on_the_same_global_batch(tmp_p
 
 
 @pytest.mark.slow
+def test_master_weights_under_ddp_match_one_process(tmp_path):
+    """optim.master_weights=true: DDP wraps bf16 weights (cast before it builds its buckets), reduces bf16
+    gradients, and every rank's fp32 masters end where one process's do, to bf16 rounding of the gradients."""
+    mw = ("optim.master_weights=true", "trainer.precision=bf16-mixed")
+    ref = launch(1, tmp_path / "ref", "lightning", "auto", "1", *mw)[0]
+    got = launch(2, tmp_path / "ddp", "lightning", "ddp", "1", *mw)[0]
+    assert ref["param_dtypes"] == got["param_dtypes"] == ["torch.bfloat16"]
+    assert ref["masters"].keys() == got["masters"].keys() and ref["masters"]
+    for step, (mine, theirs) in enumerate(zip(got["losses"], ref["losses"])):
+        assert abs(sum(mine) / 2 - theirs[0]) < 1e-2 * abs(theirs[0]), (step, mine, theirs)
+    for name, m in ref["masters"].items():
+        assert m.dtype == torch.float32
+        # AdamW's first steps move each weight by about lr (2e-3) whatever the gradient's size, so where a
+        # gradient is near zero, its bf16 rounding can flip the step's sign: almost every weight agrees far
+        # closer than lr, and none differs by more than the two steps
+        diff = (got["masters"][name] - m).abs()
+        assert (diff < 2e-4).float().mean() > 0.98 and diff.max() <= 2 * 2e-3 + 1e-6, (name, diff.max())
+
+
+@pytest.mark.slow
 def test_expert_parallel_under_ddp_matches_one_process(tmp_path):
     _compare_lightning(tmp_path, 2, "ddp", ep=2)
 
