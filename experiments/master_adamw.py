@@ -9,6 +9,10 @@ precision: this optimizer holds an fp32 copy of every weight (state "master") wi
 AdamW to the copy with the gradient in fp32, and writes the copy, rounded, back into the bf16 weight. That is
 the bf16 recipe of large-model training (fp32 "main" parameters behind bf16 model parameters).
 
+On a GPU each weight's step is one Triton kernel (blocks/kernels/adamw.py: the gradient read in bf16, the
+master, the moments and the rounded weight written in the same pass); elsewhere, or for tensors it does not
+take, torch's AdamW functional on the masters, then a copy into the weights.
+
 The state (master, exp_avg, exp_avg_sq) is fp32 whatever the weights' dtype, in memory and in checkpoints, so
 a resumed run continues from the exact fp32 weights, not from their bf16 rounding.
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
+
+from blocks.kernels import use_triton
 
 FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
 
@@ -68,13 +74,21 @@ class MasterAdamW(torch.optim.AdamW):
                 state = self._state(p, group)
                 params.append(p)
                 masters.append(state["master"])
-                grads.append(p.grad.float())  # the gradient itself where it is fp32 already
+                grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
             if not params:
                 continue
             beta1, beta2 = group["betas"]
+            if self._kernel_step(group, params, grads, masters, exp_avgs, exp_avg_sqs):
+                continue
+            grads = [g.float() for g in grads]  # the gradient itself where it is fp32 already
+            if group["fused"] or group["capturable"]:  # torch keeps their step counts on the device
+                for p, s in zip(params, steps):
+                    if s.device != p.device:
+                        self.state[p]["step"] = s.to(p.device)
+                steps = [self.state[p]["step"] for p in params]
             adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"],
                   capturable=group["capturable"], differentiable=False, fused=group["fused"], amsgrad=False,
                   beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
@@ -84,6 +98,27 @@ class MasterAdamW(torch.optim.AdamW):
             if low:
                 torch._foreach_copy_([p for p, _ in low], [m for _, m in low])
         return loss
+
+    def _kernel_step(self, group, params, grads, masters, exp_avgs, exp_avg_sqs) -> bool:
+        """The group's step with the Triton kernel, one launch per weight; False (nothing done) where it does
+        not apply: off the GPU, maximize or capturable, a non-contiguous tensor."""
+        tensors = (*params, *grads, *masters, *exp_avgs, *exp_avg_sqs)
+        if group["maximize"] or group["capturable"] or not use_triton(*tensors):
+            return False
+        if not all(t.is_contiguous() for t in tensors):
+            return False
+        from blocks.kernels.adamw import master_adamw_triton_
+
+        beta1, beta2 = group["betas"]
+        for p, g, master, m, v in zip(params, grads, masters, exp_avgs, exp_avg_sqs):
+            state = self.state[p]
+            if state["step"].is_cuda:  # where fused AdamW keeps it; the kernel takes it as a host number
+                state["step"] = state["step"].cpu()
+            state["step"] += 1
+            master_adamw_triton_(p.data, g, master, m, v,
+                                 step=int(state["step"]), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                                 eps=group["eps"], weight_decay=group["weight_decay"])
+        return True
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
