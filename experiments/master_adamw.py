@@ -47,13 +47,12 @@ class MasterAdamW(torch.optim.AdamW):
             return p.detach()  # its own master: no copy
         return value.detach().to(device=p.device, dtype=torch.float32, copy=True)
 
-    def _state(self, p: Tensor, group: dict) -> dict:
+    def _state(self, p: Tensor) -> dict:
         state = self.state[p]
         if "master" not in state:
             state["master"] = self._master_of(p, p)
-        if "step" not in state:  # where torch's AdamW keeps it: on the device for fused or capturable
-            on_device = group["fused"] or group["capturable"]
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+        if "step" not in state:  # on the host, where the kernel reads it (torch's fused path moves it: step)
+            state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(state["master"])
             state["exp_avg_sq"] = torch.zeros_like(state["master"])
         return state
@@ -71,7 +70,7 @@ class MasterAdamW(torch.optim.AdamW):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MasterAdamW does not support sparse gradients")
-                state = self._state(p, group)
+                state = self._state(p)
                 params.append(p)
                 masters.append(state["master"])
                 grads.append(p.grad)

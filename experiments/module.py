@@ -273,8 +273,9 @@ class LMModule(L.LightningModule):
                 group.update(impl)
                 for p in group["params"]:
                     state = opt.state.get(p, {})
-                    if "step" in state:
-                        state["step"] = state["step"].to(p.device if impl["fused"] else "cpu", torch.float32)
+                    if "step" in state:  # MasterAdamW moves its counts where its own step path wants them
+                        on_device = impl["fused"] and not isinstance(opt, MasterAdamW)
+                        state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
 
     def on_save_checkpoint(self, checkpoint):
         # everything needed to rebuild the model without this process: plain types only (weights_only loads)
