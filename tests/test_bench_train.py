@@ -109,3 +109,18 @@ def test_every_model_composes_at_its_full_size():
         assert cfg.data.seq_len == 2048 and cfg.data.batch_size == 8 and cfg.model.vocab_size == 50304
         if cfg.mixer.name == "attention":
             assert cfg.model.d_model // cfg.mixer.n_heads == 64
+
+
+def test_a_failing_master_weights_step_fails_the_check_and_keeps_the_other_rows(tmp_path, monkeypatch):
+    from experiments.master_adamw import MasterAdamW
+
+    def broken(self, closure=None):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(MasterAdamW, "step", broken)
+    monkeypatch.chdir(tmp_path)
+    bench = load_bench()
+    [r] = bench.main(["--smoke", "--models", "blackmamba-1.5b"])
+    assert r.check["master_weights_match_eager"] is False and r.check["cuda_graph_matches_eager"]
+    assert "step, CUDA graph" in r.variants and "step, master weights" not in r.variants
+    assert any("master weights failed: RuntimeError: no kernel for this" in n for n in r.notes), r.notes
