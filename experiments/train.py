@@ -188,8 +188,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = (), tags: dict[str, s
         try:
             check_master_weights(_precision(cfg, accelerator), cfg.trainer.accumulate_grad_batches,
                                  cfg.trainer.strategy)
-        except ValueError as e:
-            raise ConfigError(f"{e} (trainer.precision=auto is 32-true without a GPU)") from None
+        except ValueError as e:  # compose checked the rest: here precision=auto resolved without a GPU
+            why = " (trainer.precision=auto is 32-true without a GPU)" if cfg.trainer.precision == "auto" else ""
+            raise ConfigError(f"{e}{why}") from None
     if cfg.trainer.cuda_graph and accelerator not in ("cuda", "gpu"):
         raise ConfigError("trainer.cuda_graph=true replays the training step from a CUDA graph and needs a CUDA GPU; "
                           "this machine has none (set trainer.cuda_graph=false)")
