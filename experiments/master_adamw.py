@@ -1,9 +1,9 @@
 """AdamW over fp32 master copies of low-precision weights (optim.master_weights).
 
 Under bf16-mixed with fp32 weights, autocast casts every weight to bf16 at each use in the forward and casts
-its gradient back in the backward: per weight two more kernels a step, launched from Python, and a fifth of a
-BlackMamba-1.5B fwd+bwd went to them (benchmarks/RESULTS.md: 166.6 ms with fp32 weights against 143.3 ms with
-bf16 weights, same process). With master weights the model's parameters are stored in bf16, so the forward
+its gradient back in the backward: per weight two more kernels a step, launched from Python; a BlackMamba-1.5B
+fwd+bwd took 166.6 ms with fp32 weights against 143.3 ms with bf16 weights (benchmarks/RESULTS.md, one H100,
+same process). With master weights the model's parameters are stored in bf16, so the forward
 and backward read and write bf16 directly (autocast finds nothing to cast), while the update keeps fp32
 precision: this optimizer holds an fp32 copy of every weight (state "master") with AdamW's moments, applies
 AdamW to the copy with the gradient in fp32, and writes the copy, rounded, back into the bf16 weight. That is
