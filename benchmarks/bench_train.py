@@ -399,7 +399,7 @@ def time_fresh_step(name: str, result: Result, setup: Setup, graph: bool = False
     ok = rel <= CHECK_LOSS_RTOL and (tg is None or (tg.disabled is None and tg.recorded))
     if master:
         ok = ok and all(p.dtype == torch.bfloat16 for p in module.parameters())
-    key = "cuda_graph_matches_eager" if graph and not master else "master_weights_match_eager"
+    key = "master_weights_match_eager" if master else "cuda_graph_matches_eager"
     result.check.update({f"{variant}: train_losses": losses, key: result.check.get(key, True) and ok})
     why = f" (capture failed: {tg.disabled}; the row is eager)" if tg is not None and tg.disabled else ""
     log(setup, f"  check ({variant}): training losses {', '.join(f'{v:.4f}' for v in losses)} against the eager "

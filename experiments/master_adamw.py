@@ -79,9 +79,9 @@ class MasterAdamW(torch.optim.AdamW):
                 steps.append(state["step"])
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
             if self._kernel_step(group, params, grads, masters, exp_avgs, exp_avg_sqs):
                 continue
+            beta1, beta2 = group["betas"]
             grads = [g.float() for g in grads]  # the gradient itself where it is fp32 already
             if group["fused"] or group["capturable"]:  # torch keeps their step counts on the device
                 for p, s in zip(params, steps):

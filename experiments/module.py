@@ -252,8 +252,7 @@ class LMModule(L.LightningModule):
         self._adamw_impl = {"fused": True if fused else None, "foreach": True if o.impl == "foreach" else None}
         kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, **self._adamw_impl)
         if o.get("master_weights", False):
-            init = self._fp32_init or {}
-            opt = MasterAdamW(groups, masters={p: init[p] for g in groups for p in g["params"] if p in init}, **kw)
+            opt = MasterAdamW(groups, masters=self._fp32_init, **kw)
             self._fp32_init = None  # the optimizer holds them now
         else:
             opt = torch.optim.AdamW(groups, **kw)
@@ -273,9 +272,8 @@ class LMModule(L.LightningModule):
                 group.update(impl)
                 for p in group["params"]:
                     state = opt.state.get(p, {})
-                    if "step" in state:  # MasterAdamW moves its counts where its own step path wants them
-                        on_device = impl["fused"] and not isinstance(opt, MasterAdamW)
-                        state["step"] = state["step"].to(p.device if on_device else "cpu", torch.float32)
+                    if "step" in state:
+                        state["step"] = state["step"].to(p.device if impl["fused"] else "cpu", torch.float32)
 
     def on_save_checkpoint(self, checkpoint):
         # everything needed to rebuild the model without this process: plain types only (weights_only loads)
